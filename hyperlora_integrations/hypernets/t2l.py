@@ -1,0 +1,82 @@
+"""Text-to-LoRA: a task description in, a skill adapter out.
+
+The description embedding is projected and concatenated with learned layer and module
+embeddings; a learned rank embedding makes one query per (layer, module, rank row). A residual
+MLP and the shared ``LoRAHead`` turn every query into one row of A and B, all in one batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError
+from ..lora import Adapter, AdapterMetadata, content_hash
+from .base import Hypernetwork
+from .blocks import LoRAHead, ResidualMLP
+from .config import T2LConfig
+
+if TYPE_CHECKING:
+    from ..model import HyperLoRAModel
+
+
+class TextToLoRA(Hypernetwork):
+    config_class = T2LConfig
+
+    def __init__(self, config: T2LConfig) -> None:
+        super().__init__(config)
+        c = config
+        dim, layers, rank = c.latent_dim, c.num_layers, c.lora.rank
+        self.modules_order = sorted(c.module_shapes)
+        self.task_proj = nn.Sequential(nn.Linear(c.embed_dim, dim // 2), nn.LayerNorm(dim // 2))
+        self.layer_emb = nn.Parameter(torch.randn(layers, dim // 4) * 0.02)
+        self.module_emb = nn.Parameter(torch.randn(len(self.modules_order), dim - dim // 2 - dim // 4) * 0.02)
+        self.rank_emb = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.mixer = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.blocks = nn.Sequential(*(ResidualMLP(dim) for _ in range(c.num_res_blocks)))
+        self.heads = nn.ModuleDict(
+            {m: LoRAHead(dim, *c.module_shapes[m], num_layers=layers, rank=rank) for m in self.modules_order}
+        )
+        self._encoder = None
+
+    def forward(self, emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``emb (B, E)`` -> A ``{m: (B, L, r, d_in)}``, B ``{m: (B, L, d_out, r)}``."""
+        bsz = emb.shape[0]
+        layers, n_mod = self.layer_emb.shape[0], len(self.modules_order)
+        task = self.task_proj(emb)[:, None, None, :].expand(bsz, layers, n_mod, -1)
+        layer = self.layer_emb[None, :, None, :].expand(bsz, layers, n_mod, -1)
+        module = self.module_emb[None, None, :, :].expand(bsz, layers, n_mod, -1)
+        token = torch.cat([task, layer, module], dim=-1)  # (B, L, M, D)
+        z = self.blocks(self.mixer(token[:, :, :, None, :] + self.rank_emb))  # (B, L, M, r, D)
+        A, B = {}, {}
+        for i, name in enumerate(self.modules_order):
+            A[name], B[name] = self.heads[name](z[:, :, i])
+        return A, B
+
+    def encoder(self, model: HyperLoRAModel):
+        from ..encoders.description import DescriptionEncoder
+
+        if self._encoder is None or self._encoder.model is not model.model:
+            self._encoder = DescriptionEncoder(
+                model.model, model.tokenizer, max_tokens=self.config.max_description_tokens
+            )
+        return self._encoder
+
+    @torch.no_grad()
+    def generate_skill(self, model: HyperLoRAModel, description: str) -> Adapter:
+        if not isinstance(description, str) or not description.strip():
+            raise InvalidInputError("a skill description must be a non-empty string")
+        self.eval()
+        emb = self.encoder(model).encode(description)
+        A, B = self(emb[None].to(self.dtype))
+        meta = AdapterMetadata(
+            kind="skill",
+            source="generate_skill",
+            description=description,
+            base_model=model.name,
+            base_fingerprint=model.fingerprint,
+            content_hash=content_hash(description),
+        )
+        return Adapter({k: v[0] for k, v in A.items()}, {k: v[0] for k, v in B.items()}, metadata=meta)

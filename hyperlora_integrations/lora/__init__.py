@@ -1,0 +1,21 @@
+"""Functional LoRA: the adapter format, per-call application, merging and PEFT interop."""
+
+from .adapter import Adapter, AdapterMetadata, concat, content_hash
+from .config import LoraSpec
+from .layer import LoRAInjector, active_weights
+from .merge import merge, unmerge
+from .peft_io import load_peft, save_peft
+
+__all__ = [
+    "Adapter",
+    "AdapterMetadata",
+    "LoRAInjector",
+    "LoraSpec",
+    "active_weights",
+    "concat",
+    "content_hash",
+    "load_peft",
+    "merge",
+    "save_peft",
+    "unmerge",
+]

@@ -1,0 +1,256 @@
+"""``HyperLoRAModel``: the framework-free core every integration wraps.
+
+It holds one frozen base model, its tokenizer, the LoRA injector and (optionally) the Doc-to-LoRA
+and Text-to-LoRA hypernetworks. Everything per-request (adapters, sampling) is an argument, never
+state, so one instance serves many threads and asyncio tasks at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base_model import BaseModel, load_base_model
+from .chat import Prompt, encode_chat, encode_text, to_messages
+from .errors import HypernetworkMissingError, InvalidInputError
+from .generation import Chunk, SamplingParams, stream_tokens
+from .lora import Adapter, LoRAInjector, concat, load_peft, save_peft
+from .lora import merge as _merge
+from .lora import unmerge as _unmerge
+
+if TYPE_CHECKING:
+    from .hypernets.d2l import DocToLoRA
+    from .hypernets.t2l import TextToLoRA
+
+DEFAULT = "default"
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Architecture identity: adapters and hypernets only fit models with the same shapes."""
+    c = model.config
+    return (
+        f"{c.model_type}:L{c.num_hidden_layers}:H{c.hidden_size}:I{getattr(c, 'intermediate_size', 0)}:V{c.vocab_size}"
+    )
+
+
+class HyperLoRAModel:
+    """A frozen causal LM plus hypernetworks; adapters are applied per call."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        *,
+        d2l: DocToLoRA | None = None,
+        t2l: TextToLoRA | None = None,
+        max_context: int | None = None,
+    ) -> None:
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.name = base.name
+        self.fingerprint = fingerprint(base.model)
+        self.injector = LoRAInjector(base.model)
+        self.max_context = max_context or int(getattr(base.model.config, "max_position_embeddings", 2048))
+        self.d2l = d2l
+        self.t2l = t2l
+        if d2l is not None:
+            d2l.check_base(self)
+        if t2l is not None:
+            t2l.check_base(self)
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        self._eos_ids = {e for e in eos if e is not None}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | None = None,
+        *,
+        d2l: str | os.PathLike | None = DEFAULT,
+        t2l: str | os.PathLike | None = DEFAULT,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> HyperLoRAModel:
+        """Load a base model and its hypernetworks.
+
+        ``d2l``/``t2l`` take a checkpoint directory, ``None`` for none, or ``"default"``: the
+        checkpoint shipped for the default base model (skipped for other base models, which
+        have to train their own with ``hyperlora train``).
+        """
+        from .hypernets import checkpoint
+
+        base = load_base_model(base_model, device=device, dtype=dtype)
+        shipped = base_model is None
+        d2l_net = checkpoint.resolve("d2l", d2l, shipped=shipped, device=device)
+        t2l_net = checkpoint.resolve("t2l", t2l, shipped=shipped, device=device)
+        return cls(base, d2l=d2l_net, t2l=t2l_net)
+
+    # ------------------------------------------------------------------ prompts and tokens
+    def encode(
+        self,
+        prompt: Prompt,
+        *,
+        system: str | None = None,
+        add_generation_prompt: bool = True,
+        context: str | None = None,
+    ) -> list[int]:
+        """Prompt ids; ``context`` (a document to stuff) goes before the first user message."""
+        return encode_chat(
+            self.tokenizer, to_messages(prompt, system), add_generation_prompt=add_generation_prompt, context=context
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Exact token count of plain text under the base model's tokenizer."""
+        return len(encode_text(self.tokenizer, text))
+
+    @staticmethod
+    def estimate_tokens(text: str, encoding: str = "cl100k_base") -> int:
+        """A tiktoken estimate, for budgets expressed in an API model's tokens."""
+        import tiktoken
+
+        if "TIKTOKEN_CACHE_DIR" not in os.environ:
+            import importlib.util
+
+            spec = importlib.util.find_spec("llama_index.core")
+            if spec and spec.submodule_search_locations:  # it ships the BPE files; we run offline
+                cache = Path(next(iter(spec.submodule_search_locations))) / "_static" / "tiktoken_cache"
+                if cache.is_dir():
+                    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+        return len(tiktoken.get_encoding(encoding).encode(text, disallowed_special=()))
+
+    # ------------------------------------------------------------------ adapters
+    def _checked(self, adapters: Sequence[Adapter]) -> list[Adapter]:
+        adapters = list(adapters or ())
+        for adapter in adapters:
+            if not isinstance(adapter, Adapter):
+                raise InvalidInputError(f"expected Adapter objects, got {type(adapter).__name__}")
+            adapter.check_base(self.name, self.fingerprint)
+            self.injector.check(adapter)
+        return adapters
+
+    def activate(self, adapters: Sequence[Adapter] = ()):
+        """Context manager: ``adapters`` apply to forward passes in this thread/task only."""
+        return self.injector.activate(self._checked(adapters))
+
+    def merge(self, adapter: Adapter) -> None:
+        """Patch the shared weights (affects every caller); ``unmerge`` restores them."""
+        _merge(self.injector, self._checked([adapter])[0])
+
+    def unmerge(self, adapter: Adapter) -> None:
+        _unmerge(self.injector, adapter)
+
+    def export_adapter(self, adapter: Adapter, path: str | os.PathLike) -> Path:
+        """Save in PEFT format; ``PeftModel.from_pretrained(base, path)`` reproduces our logits."""
+        base_path = str(getattr(self.model.config, "_name_or_path", "") or self.name)
+        return save_peft(self._checked([adapter])[0], path, self.injector, base_path)
+
+    def load_adapter(self, path: str | os.PathLike) -> Adapter:
+        """Load a PEFT adapter directory (or our single-file format) checked against this model."""
+        path = Path(path)
+        if path.is_dir():
+            return load_peft(path, self.injector, base_name=self.name)
+        adapter = Adapter.load(path)
+        return self._checked([adapter])[0]
+
+    # ------------------------------------------------------------------ hypernetworks
+    def internalize(self, text: str, *, source: str = "", progress: bool | None = None) -> Adapter:
+        """Turn a document into an adapter with one hypernetwork pass per chunk (no gradients)."""
+        if self.d2l is None:
+            raise HypernetworkMissingError("this model was loaded without a Doc-to-LoRA hypernetwork")
+        return self.d2l.internalize(self, text, source=source, progress=progress)
+
+    def generate_skill(self, description: str) -> Adapter:
+        """Turn a plain-language task description into a skill adapter."""
+        if self.t2l is None:
+            raise HypernetworkMissingError("this model was loaded without a Text-to-LoRA hypernetwork")
+        return self.t2l.generate_skill(self, description)
+
+    # ------------------------------------------------------------------ generation
+    def _prepare(
+        self,
+        prompt: Prompt,
+        adapters: Sequence[Adapter],
+        system: str | None,
+        context: str | None,
+        params: SamplingParams,
+    ):
+        adapters = self._checked(adapters)
+        ids = self.encode(prompt, system=system, context=context)
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise InvalidInputError(
+                f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds the "
+                f"{self.max_context}-token context; internalize long documents instead of stuffing them"
+            )
+        if not adapters:
+            return ids, lambda: self.injector.activate(())
+        # Concatenate and fold once per call, not once per generated token.
+        A, B = concat(adapters).folded() if len(adapters) > 1 else adapters[0].folded()
+        return ids, lambda: self.injector.activate_weights(A, B)
+
+    def stream_chunks(
+        self,
+        prompt: Prompt,
+        adapters: Sequence[Adapter] = (),
+        *,
+        system: str | None = None,
+        context: str | None = None,
+        **sampling,
+    ) -> Iterator[Chunk]:
+        """Stream ``Chunk``s; the last one carries finish reason and token counts.
+
+        ``context`` stuffs a document into the prompt (the baseline internalization replaces).
+        """
+        params = SamplingParams(**sampling)
+        ids, scope = self._prepare(prompt, adapters, system, context, params)
+        yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
+
+    def stream(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> Iterator[str]:
+        """Stream the answer as text pieces."""
+        for chunk in self.stream_chunks(prompt, adapters, **kwargs):
+            if chunk.text:
+                yield chunk.text
+
+    def complete(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> Chunk:
+        """The whole answer as one ``Chunk`` with finish reason and token counts."""
+        pieces = []
+        last = Chunk("")
+        for chunk in self.stream_chunks(prompt, adapters, **kwargs):
+            pieces.append(chunk.text)
+            last = chunk
+        return Chunk("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def generate(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> str:
+        """Answer ``prompt`` (a string or chat messages) with ``adapters`` active for this call."""
+        return self.complete(prompt, adapters, **kwargs).text
+
+    # ------------------------------------------------------------------ scoring
+    def score_detailed(
+        self,
+        prompt: Prompt,
+        completion: str,
+        adapters: Sequence[Adapter] = (),
+        *,
+        system: str | None = None,
+        context: str | None = None,
+    ) -> tuple[float, int]:
+        """(summed NLL in nats, number of completion tokens) of ``completion`` after ``prompt``."""
+        adapters = self._checked(adapters)
+        prompt_ids = self.encode(prompt, system=system, context=context)
+        target = encode_text(self.tokenizer, completion)
+        if not target:
+            raise InvalidInputError("completion is empty")
+        ids = torch.tensor([prompt_ids + target], device=self.base.device)
+        with torch.no_grad(), self.injector.activate(adapters):
+            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, len(prompt_ids) :], reduction="sum")
+        return float(nll), len(target)
+
+    def score(self, prompt: Prompt, completion: str, adapters: Sequence[Adapter] = (), **kwargs) -> float:
+        """Summed negative log-likelihood of ``completion`` given ``prompt``: our quality basis."""
+        return self.score_detailed(prompt, completion, adapters, **kwargs)[0]

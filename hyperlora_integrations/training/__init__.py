@@ -1,0 +1,1 @@
+"""Training and evaluation of the hypernetworks (needs the ``[train]`` extra for real data)."""

@@ -1,0 +1,248 @@
+"""Train Doc-to-LoRA by context distillation. Read top to bottom.
+
+Teacher: the frozen model with the document in its prompt. Student: the same model with the
+generated adapter and no document. One forward pass over [prefix | document | QA] gives both the
+teacher's log-probs on the QA tokens and the document activations the hypernetwork reads. The
+student is trained to match the teacher's top-k next-token distribution on all QA tokens.
+
+Curriculum: single-passage documents first; after ``--multi-from`` steps, a share of samples are
+2-4 passages, each encoded as its own chunk and rank-concatenated, with questions about any of
+them, so concatenation is trained rather than hoped for.
+
+Runs on a 2-core CPU: one document per micro-step, gradient accumulation, a checkpoint every
+``--save-every`` steps, resume from ``<out>/state.safetensors``, JSONL log with held-out NLL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..chat import context_prefix, encode_chat, encode_text
+from ..encoders.activations import document_activations, layer_inputs
+from ..hypernets import DocToLoRA
+from ..hypernets import checkpoint as ckpt
+from ..lora import LoraSpec
+from ..model import HyperLoRAModel
+from .data import QADoc
+from .state import load_state, save_state
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hyperlora train d2l", description=__doc__.split("\n")[0])
+    p.add_argument("--base-model", default=None, help="HF id or local path (default: embedded SmolLM2-135M)")
+    p.add_argument("--out", default="runs/d2l", help="run directory (checkpoints, log)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--accum", type=int, default=4, help="documents per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="down_proj", help="comma-separated target modules")
+    p.add_argument("--latent-dim", type=int, default=256)
+    p.add_argument("--num-latents", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=2)
+    p.add_argument("--chunk-len", type=int, default=384, help="longest chunk in training (tokens)")
+    p.add_argument("--max-qas", type=int, default=4, help="questions per document and step")
+    p.add_argument("--top-k", type=int, default=16, help="teacher log-probs kept per position")
+    p.add_argument("--l1", type=float, default=0.1, help="L1 penalty on the generated B weights")
+    p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
+    p.add_argument("--multi-prob", type=float, default=0.3)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-items", type=int, default=32)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
+    p.add_argument("--docs-json", default=None, help="JSON list of {passage, qas} instead of the real data")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def qa_messages(qas: list[tuple[str, str]]) -> list[dict[str, str]]:
+    messages = []
+    for q, a in qas:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages
+
+
+def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas, args, prefix):
+    """Loss for one (multi-)passage document: top-k KL to the teacher + L1 on generated weights."""
+    tok, lm = model.tokenizer, model.model
+    chunks = [encode_text(tok, p)[: args.chunk_len] for p in passages]
+    document = tok.decode([i for c in chunks for i in c])  # what the teacher sees
+    student_ids = encode_chat(tok, qa_messages(qas), add_generation_prompt=False)
+    teacher_ids = encode_chat(tok, qa_messages(qas), add_generation_prompt=False, context=document)
+    k = len(prefix)
+    shift = len(teacher_ids) - len(student_ids)  # document + separator tokens inserted at k
+    n_doc = len(chunks[0])
+    device = model.base.device
+
+    # Teacher pass (no grad): QA log-probs and, for the first chunk, the document activations.
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([teacher_ids], device=device), output_hidden_states=True, use_cache=False)
+        acts = [layer_inputs(out.hidden_states, lm.config.num_hidden_layers)[0, :, k : k + n_doc]]
+        if len(chunks) > 1 or tok.decode(chunks[0]) != document:
+            acts = [document_activations(lm, c, prefix) for c in chunks]
+        positions = torch.arange(k - 1, len(student_ids) - 1, device=device)
+        t_logits = lm.lm_head(out.last_hidden_state[0, positions + shift]).float()
+        t_logp = F.log_softmax(t_logits, dim=-1)
+        top_logp, top_idx = t_logp.topk(args.top_k, dim=-1)
+        top_p = top_logp.exp()
+
+    # Student pass: adapters from the hypernet, rank-concatenated over chunks, gradients to the net.
+    A_parts, B_parts = [], []
+    for a in acts:
+        A, B = net(a[None])
+        A_parts.append(A)
+        B_parts.append(B)
+    A = {m: torch.cat([p[m][0] for p in A_parts], dim=1) for m in A_parts[0]}
+    B = {m: torch.cat([p[m][0] for p in B_parts], dim=2) for m in B_parts[0]}
+    with model.injector.activate_weights(A, B):
+        hidden = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
+    s_logp = F.log_softmax(lm.lm_head(hidden[0, positions]).float(), dim=-1)
+    ce = -(top_p * s_logp.gather(-1, top_idx)).sum(-1).mean()
+    kl = ce + (top_p * top_logp).sum(-1).mean()
+    l1 = sum(b.abs().mean() for b in B.values()) / len(B)
+    return ce + args.l1 * l1, {"kl": float(kl), "l1": float(l1), "chunks": len(chunks)}
+
+
+@torch.no_grad()
+def heldout_nll(model: HyperLoRAModel, net: DocToLoRA, items, baselines=None) -> dict:
+    """Per-token gold-answer NLL: no document (a), document in prompt (b), adapter (c)."""
+    net.eval()
+    was_d2l, model.d2l = model.d2l, net
+    a_sum = b_sum = c_sum = 0.0
+    rows = []
+    for i, it in enumerate(items):
+        if baselines is None:
+            a, n = model.score_detailed(it.question, it.answers[0])
+            b, _ = model.score_detailed(it.question, it.answers[0], context=it.passage)
+        else:
+            a, b, n = baselines[i]
+        c, _ = model.score_detailed(it.question, it.answers[0], [model.internalize(it.passage)])
+        rows.append((a, b, n))
+        a_sum, b_sum, c_sum = a_sum + a / n, b_sum + b / n, c_sum + c / n
+    model.d2l = was_d2l
+    net.train()
+    m = len(items)
+    gap = (a_sum - c_sum) / max(1e-9, a_sum - b_sum)
+    return {
+        "nll_none": a_sum / m,
+        "nll_context": b_sum / m,
+        "nll_adapter": c_sum / m,
+        "gap_closure": gap,
+        "_rows": rows,
+    }
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Base model and data.
+    if args.tiny:
+        from ..testing import tiny_base_model
+
+        model = HyperLoRAModel(tiny_base_model())
+    else:
+        from ..base_model import load_base_model
+
+        model = HyperLoRAModel(load_base_model(args.base_model))
+    if args.docs_json:
+        docs = [
+            QADoc(d["passage"], [tuple(x) for x in d["qas"]], "json")
+            for d in json.loads(Path(args.docs_json).read_text())
+        ]
+        eval_items = []
+    else:
+        from .data import d2l_eval_items, d2l_training_docs
+
+        docs = d2l_training_docs()
+        eval_items = d2l_eval_items(per_source=max(1, args.eval_items // 4), seed=1)
+    rng = random.Random(args.seed)
+    rng.shuffle(docs)
+
+    # Hypernetwork and optimizer (resumed if a state file exists).
+    lora = LoraSpec(target_modules=tuple(args.targets.split(",")), rank=args.rank, alpha=args.rank)
+    net = DocToLoRA.for_model(
+        model,
+        lora=lora,
+        latent_dim=args.latent_dim,
+        num_latents=args.num_latents,
+        num_blocks=args.num_blocks,
+        chunk_len=args.chunk_len,
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    state_path = out / "state.safetensors"
+    start, cursor, baselines = 0, 0, None
+    if state_path.exists():
+        info = load_state(state_path, net, opt)
+        start, cursor = info["step"], info["cursor"]
+        baselines = info.get("baselines")
+        print(f"resumed from step {start}")
+    net.train()
+    prefix = context_prefix(model.tokenizer)
+    log = (out / "log.jsonl").open("a")
+    if eval_items and baselines is None:
+        first = heldout_nll(model, net, eval_items)
+        baselines = first.pop("_rows")
+        log.write(json.dumps({"step": start, **first}) + "\n")
+        log.flush()
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train d2l", unit="step")
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        stats = {"loss": 0.0, "kl": 0.0, "chunks": 0}
+        for _ in range(args.accum):
+            n_pass = 1
+            if step >= args.multi_from and rng.random() < args.multi_prob:
+                n_pass = rng.randint(2, 4)
+            picked = [docs[(cursor + j) % len(docs)] for j in range(n_pass)]
+            cursor += n_pass
+            qas = [qa for d in picked for qa in rng.sample(d.qas, min(len(d.qas), max(1, args.max_qas // n_pass)))]
+            rng.shuffle(qas)
+            loss, info = distill_loss(model, net, [d.passage for d in picked], qas[: args.max_qas], args, prefix)
+            (loss / args.accum).backward()
+            stats["loss"] += float(loss) / args.accum
+            stats["kl"] += info["kl"] / args.accum
+            stats["chunks"] = max(stats["chunks"], info["chunks"])
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "lr": lr_at(step, args), "sec": round(time.time() - t0, 2), **stats}
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['kl']:.3f}")
+        if eval_items and (step + 1) % args.eval_every == 0:
+            record.update({k: v for k, v in heldout_nll(model, net, eval_items, baselines).items() if k != "_rows"})
+            bar.write(f"step {step + 1}: held-out gap closure {record['gap_closure']:.3f}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(
+                state_path, net, opt, {"step": step + 1, "cursor": cursor, "baselines": baselines, "args": vars(args)}
+            )
+            ckpt.save(net, out / "checkpoint")
+    return out / "checkpoint"
+
+
+if __name__ == "__main__":
+    main()
