@@ -11,14 +11,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidInputError
 
 Message = Mapping[str, str]
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 _ROLES = {"system", "user", "assistant", "tool"}
 

@@ -1,0 +1,93 @@
+"""Opaque, signed references to stored adapters: what a retriever puts where document text was.
+
+A reference reads ``[hyperlora-ref ns=<namespace> id=<adapter id> t=<issued-at> sig=<hmac>]``.
+The signature is an HMAC-SHA256 (truncated to 128 bits) over namespace, id and time, keyed by a
+secret that lives only in the store (``<store>/secret``, mode 0600) or in the process. So:
+
+* a reference typed or guessed by a user has no valid signature and activates nothing;
+* a valid reference copied from one namespace cannot be used where that namespace is not allowed
+  (the chat model/LLM is configured with the namespaces it may activate);
+* a reference copied from an old answer expires after ``ttl`` seconds (default one hour).
+
+Every reference-shaped string is stripped from the prompt, valid or not, so none reaches the
+model as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REF_RE = re.compile(
+    r"\[hyperlora-ref ns=([A-Za-z0-9_.-]{1,128}) id=([A-Za-z0-9_.-]{1,128}) t=(\d{1,12}) sig=([0-9a-f]{32})\]"
+)
+# Anything that looks like a reference, well-formed or not: stripped from prompts.
+LOOSE_RE = re.compile(r"\[hyperlora-ref[^\]\n]{0,400}\]")
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """A 32-byte key, created once with mode 0600 and an exclusive create (no race, no overwrite)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) >= 32:
+            return key
+        raise
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+@dataclass(frozen=True)
+class Reference:
+    namespace: str
+    adapter_id: str
+
+
+class ReferenceSigner:
+    def __init__(self, key: bytes, *, ttl: float | None = 3600.0) -> None:
+        if len(key) < 16:
+            raise ValueError("reference key must be at least 16 bytes")
+        self._key = key
+        self.ttl = ttl
+
+    def _sig(self, namespace: str, adapter_id: str, issued: int) -> str:
+        msg = f"{namespace}\x00{adapter_id}\x00{issued}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def issue(self, namespace: str, adapter_id: str) -> str:
+        issued = int(time.time())
+        return (
+            f"[hyperlora-ref ns={namespace} id={adapter_id} t={issued} sig={self._sig(namespace, adapter_id, issued)}]"
+        )
+
+    def verify(self, match: re.Match, allowed_namespaces: set[str] | None = None) -> Reference | None:
+        """The reference a ``REF_RE`` match names, or None if forged, expired or not allowed here."""
+        ns, adapter_id, issued, sig = match.groups()
+        if not hmac.compare_digest(sig, self._sig(ns, adapter_id, int(issued))):
+            return None
+        if self.ttl is not None and time.time() - int(issued) > self.ttl:
+            return None
+        if allowed_namespaces is not None and ns not in allowed_namespaces:
+            return None
+        return Reference(ns, adapter_id)
+
+    def extract(self, text: str, allowed_namespaces: set[str] | None = None) -> tuple[str, list[Reference], int]:
+        """Strip every reference-shaped string; return (clean text, valid references, rejected count)."""
+        valid: list[Reference] = []
+        for match in REF_RE.finditer(text):
+            ref = self.verify(match, allowed_namespaces)
+            if ref is not None and ref not in valid:
+                valid.append(ref)
+        total = len(LOOSE_RE.findall(text))
+        return LOOSE_RE.sub("", text), valid, total - len(valid)
