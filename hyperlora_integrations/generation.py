@@ -7,6 +7,7 @@ code), and streaming must hold back text that may turn out to be the start of a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -26,13 +27,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if self.max_new_tokens > 1_000_000:
             raise InvalidInputError(f"max_new_tokens={self.max_new_tokens} is absurdly large")
+        for name in ("temperature", "top_p"):  # NaN would pass the range checks and poison sampling
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0 or not (0 < self.top_p <= 1):
             raise InvalidInputError("temperature must be >= 0 and top_p in (0, 1]")
-        self.stop = tuple(s for s in (self.stop or ()) if s)
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
+        ):
+            raise InvalidInputError(f"seed must be a non-negative int, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())  # "END" is one stop, not 3
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {self.stop!r}") from None
+        if not all(isinstance(s, str) for s in stop):
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = tuple(s for s in stop if s)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .base_model import BaseModel, load_base_model
 from .chat import Prompt, encode_chat, encode_text, to_messages
 from .errors import HypernetworkMissingError, InvalidInputError
 from .generation import Chunk, SamplingParams, stream_tokens
-from .lora import Adapter, LoRAInjector, concat, load_peft, save_peft
+from .lora import Adapter, LoRAInjector, load_peft, save_peft
 from .lora import merge as _merge
 from .lora import unmerge as _unmerge
 
@@ -159,11 +159,22 @@ class HyperLoRAModel:
         return self._checked([adapter])[0]
 
     # ------------------------------------------------------------------ hypernetworks
-    def internalize(self, text: str, *, source: str = "", progress: bool | None = None) -> Adapter:
-        """Turn a document into an adapter with one hypernetwork pass per chunk (no gradients)."""
+    def internalize(
+        self, text: str, *, source: str = "", progress: bool | None = None, max_rank: int | None = None
+    ) -> Adapter:
+        """Turn a document into an adapter with one hypernetwork pass per chunk (no gradients).
+
+        Chunk adapters are rank-concatenated; ``max_rank`` then compresses the result with a
+        truncated SVD (``lora.compress``) so long documents keep a bounded size.
+        """
         if self.d2l is None:
             raise HypernetworkMissingError("this model was loaded without a Doc-to-LoRA hypernetwork")
-        return self.d2l.internalize(self, text, source=source, progress=progress)
+        adapter = self.d2l.internalize(self, text, source=source, progress=progress)
+        if max_rank is not None:
+            from .lora import compress
+
+            adapter = compress(adapter, max_rank)
+        return adapter
 
     def generate_skill(self, description: str) -> Adapter:
         """Turn a plain-language task description into a skill adapter."""
@@ -190,7 +201,7 @@ class HyperLoRAModel:
         if not adapters:
             return ids, lambda: self.injector.activate(())
         # Concatenate and fold once per call, not once per generated token.
-        A, B = concat(adapters).folded() if len(adapters) > 1 else adapters[0].folded()
+        A, B = self.injector.folded(adapters)
         return ids, lambda: self.injector.activate_weights(A, B)
 
     def stream_chunks(
@@ -206,7 +217,10 @@ class HyperLoRAModel:
 
         ``context`` stuffs a document into the prompt (the baseline internalization replaces).
         """
-        params = SamplingParams(**sampling)
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError as exc:  # an unknown keyword such as max_tokens=: the caller's mistake
+            raise InvalidInputError(f"bad sampling arguments {sorted(sampling)}: {exc}") from None
         ids, scope = self._prepare(prompt, adapters, system, context, params)
         yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
 

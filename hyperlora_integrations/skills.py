@@ -3,6 +3,9 @@
 Routing compares a request with every skill's description by cosine similarity of the same
 embedding Text-to-LoRA reads (the base model's mean-pooled middle-layer state), so no extra
 model is needed. A skill is only picked when it beats ``threshold``.
+
+``add(..., background=True)`` queues the skill in the store (see ``adapters.worker``); the
+worker generates it once no document waits, and the library picks it up on its next lookup.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapters.store import AdapterStore, check_name
+from .adapters.store import AdapterStore, check_name, check_text
 from .encoders.description import DescriptionEncoder
 from .errors import AdapterNotFoundError, InvalidInputError
-from .lora import Adapter
+from .lora import Adapter, content_hash
 
 if TYPE_CHECKING:
     from .model import HyperLoRAModel
@@ -46,21 +49,85 @@ class SkillLibrary:
         self._lock = threading.Lock()
         self._skills: dict[str, Skill] = {}
         self._emb: dict[str, torch.Tensor] = {}
-        for meta in self.store.list(namespace=self.namespace, kind="skill"):
-            name = (meta.model_extra or {}).get("skill_name")
-            if name:
-                self._index(Skill(name, meta.description, self.store.get(meta.id, namespace=self.namespace)))
+        self._awaiting: set[str] = set()  # ids of skills queued for background generation
+        for meta in self.store.list(namespace=self.namespace, kind="skill"):  # oldest first: newest wins
+            self._load(meta)
+        self._awaiting = {job.id for job in self.store.pending(namespace=self.namespace, kind="skill")}
+
+    def _load(self, meta) -> None:
+        """Index a stored skill; an older adapter of the same name (a replaced skill) is deleted."""
+        name = (meta.model_extra or {}).get("skill_name")
+        if not name:
+            return
+        old = self._skills.get(name)
+        self._index(Skill(name, meta.description, self.store.get(meta.id, namespace=self.namespace)))
+        if old is not None and old.adapter.id != meta.id:
+            try:
+                self.store.remove(old.adapter.id, namespace=self.namespace)
+            except AdapterNotFoundError:
+                pass
+
+    def _sync(self) -> None:
+        """Pick up skills the background worker (of any process) has generated since we looked."""
+        if not self._awaiting:
+            return
+        for adapter_id in list(self._awaiting):
+            if self.store.contains(adapter_id, namespace=self.namespace):
+                self._awaiting.discard(adapter_id)
+                try:
+                    self._load(self.store.metadata(adapter_id, namespace=self.namespace))
+                except AdapterNotFoundError:
+                    pass
+            elif self.store.job(adapter_id, namespace=self.namespace) is None:
+                self._awaiting.discard(adapter_id)  # cancelled
 
     def _index(self, skill: Skill) -> None:
+        emb = self._encoder.encode(skill.description)
         with self._lock:
             self._skills[skill.name] = skill
-            self._emb[skill.name] = self._encoder.encode(skill.description)
+            self._emb[skill.name] = emb
 
-    def add(self, name: str, description: str, adapter: Adapter | None = None) -> Skill:
-        """Register a skill; without ``adapter`` it is generated from ``description`` (T2L)."""
+    def _cancel_queued(self, name: str) -> None:
+        for job in self.store.pending(namespace=self.namespace, kind="skill"):
+            if job.options.get("skill_name") == name:
+                try:
+                    self.store.remove(job.id, namespace=self.namespace)
+                except AdapterNotFoundError:
+                    pass
+                self._awaiting.discard(job.id)
+
+    def add(self, name: str, description: str, adapter: Adapter | None = None, *, background: bool = False):
+        """Register a skill; without ``adapter`` it is generated from ``description`` (T2L).
+
+        Returns the ``Skill``; with ``background=True`` only queues it and returns the id its
+        adapter will have (it becomes routable once generated; ``pending()`` lists the names).
+        """
         check_name(name, "skill name")
-        if not isinstance(description, str) or not description.strip():
+        check_text(description, "skill description")
+        if not description.strip():
             raise InvalidInputError("a skill needs a non-empty description")
+        self._cancel_queued(name)  # the latest add of a name wins
+        if background:
+            if adapter is not None:
+                raise InvalidInputError("background=True generates the adapter; do not pass one")
+            from .adapters.worker import worker_for
+
+            adapter_id = content_hash(f"{self.namespace}\x00skill\x00{name}\x00{description}")[:32]
+            current = self._skills.get(name)
+            if current is not None and current.adapter.id == adapter_id:
+                return adapter_id
+            self.store.enqueue(
+                "skill",
+                adapter_id,
+                description,
+                namespace=self.namespace,
+                content_hash=content_hash(description),
+                options={"skill_name": name},
+                fingerprint=self.model.fingerprint,
+            )
+            self._awaiting.add(adapter_id)
+            worker_for(self.model, self.store).start().wake()
+            return adapter_id
         if name in self._skills:
             self.remove(name)
         adapter = adapter if adapter is not None else self.model.generate_skill(description)
@@ -72,28 +139,42 @@ class SkillLibrary:
         self._index(skill)
         return skill
 
+    def pending(self) -> list[str]:
+        """Names of skills queued for background generation, oldest first."""
+        self._sync()
+        return [j.options.get("skill_name", "") for j in self.store.pending(namespace=self.namespace, kind="skill")]
+
     def remove(self, name: str) -> None:
+        """Delete a skill, and cancel any queued generation of that name."""
+        queued = name in self.pending()
+        self._cancel_queued(name)
         with self._lock:
             skill = self._skills.pop(name, None)
             self._emb.pop(name, None)
         if skill is None:
+            if queued:
+                return
             raise AdapterNotFoundError(f"no skill named {name!r}")
         self.store.remove(skill.adapter.id, namespace=self.namespace)
 
     def get(self, name: str) -> Skill:
+        self._sync()
         try:
             return self._skills[name]
         except KeyError:
             raise AdapterNotFoundError(f"no skill named {name!r}") from None
 
     def names(self) -> list[str]:
+        self._sync()
         return sorted(self._skills)
 
     def __len__(self) -> int:
+        self._sync()
         return len(self._skills)
 
     def scores(self, request: str) -> list[tuple[str, float]]:
         """Cosine similarity of ``request`` to every skill description, best first."""
+        self._sync()
         if not self._skills:
             return []
         query = self._encoder.encode(request)

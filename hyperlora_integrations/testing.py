@@ -35,3 +35,26 @@ def tiny_base_model(seed: int = 0, *, layers: int = 2, hidden: int = 64) -> Base
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=freeze(model), tokenizer=tokenizer, name=TINY_NAME)
+
+
+def tiny_hyperlora_model(seed: int = 0, *, chunk_len: int = 64):
+    """The tiny base model plus random D2L/T2L hypernets whose adapters are non-zero.
+
+    An untrained head emits an exact zero delta (its B scale starts at 0), which would make
+    "the right adapter is active" untestable; here the scales are set to 0.5. Answers are
+    gibberish, every code path is real.
+    """
+    from .hypernets import DocToLoRA, TextToLoRA
+    from .model import HyperLoRAModel
+
+    model = HyperLoRAModel(tiny_base_model(seed))
+    torch.manual_seed(seed)
+    d2l = DocToLoRA.for_model(model, chunk_len=chunk_len, latent_dim=32, num_latents=4, num_blocks=1)
+    t2l = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+    for net in (d2l, t2l):
+        with torch.no_grad():
+            for head in net.heads.values():
+                head.b_scale.fill_(0.5)
+        net.eval().requires_grad_(False)
+    model.d2l, model.t2l = d2l, t2l
+    return model

@@ -170,3 +170,26 @@ def test_nbytes(tiny_model):
     adapter = random_adapter(tiny_model, rank=4)
     d_in, d_out = tiny_model.injector.shapes["down_proj"]
     assert adapter.nbytes == 4 * tiny_model.injector.num_layers * 4 * (d_in + d_out)
+
+
+def test_compress_is_exact_at_full_rank_and_optimal_below(tiny_model):
+    from hyperlora_integrations.lora import compress, retained_energy
+
+    a, b = random_adapter(tiny_model, rank=4, seed=5), random_adapter(tiny_model, rank=4, seed=6)
+    both = concat([a, b])
+
+    def delta(ad):
+        A, B = ad.folded()
+        return B["down_proj"] @ A["down_proj"]
+
+    full = compress(both, 8)
+    assert full is both
+    exact = compress(both, 7)
+    cut = compress(both, 2)
+    assert cut.A["down_proj"].shape[1] == 2 and cut.B["down_proj"].shape[2] == 2
+    err7 = (delta(exact) - delta(both)).norm()
+    err2 = (delta(cut) - delta(both)).norm()
+    assert err7 < err2
+    # the kept energy matches the error of the truncation (Eckart-Young)
+    energy = retained_energy(both, 2)
+    assert abs((1 - energy) - float(err2**2 / delta(both).norm() ** 2)) < 1e-4

@@ -9,15 +9,16 @@ around these two.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterNotFoundError, InvalidInputError
+from ..errors import AdapterNotFoundError, DocumentTooLargeError, EmptyDocumentError, InvalidInputError
 from ..lora import Adapter, content_hash
 from .references import LOOSE_RE, REF_RE, Reference
-from .retrieval import BM25Index
-from .store import AdapterStore, check_name, store_signer
+from .retrieval import BM25Index, top_passages
+from .store import AdapterStore, check_name, check_text, store_signer
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -35,8 +36,18 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def document_id(namespace: str, text: str) -> str:
+    """A document's adapter id: deterministic, so a queued document's id is known at once."""
+    return content_hash(f"{namespace}\x00{text}")[:32]
+
+
 class InternalizedCorpus:
-    """Documents internalized into adapters in one namespace of a store, searchable by BM25."""
+    """Documents internalized into adapters in one namespace of a store, searchable by BM25.
+
+    ``max_document_chars`` refuses larger documents before any tokenization (a typed
+    ``DocumentTooLargeError`` in microseconds, instead of minutes of tokenizing and hours of
+    internalizing): see docs/reliability.md.
+    """
 
     def __init__(
         self,
@@ -46,11 +57,13 @@ class InternalizedCorpus:
         namespace: str = "default",
         excerpt_chars: int = 300,
         ttl: float | None = 3600.0,
+        max_document_chars: int = 2_000_000,
     ) -> None:
         self.model = model
         self.store = store if store is not None else AdapterStore()
         self.namespace = check_name(namespace, "namespace")
         self.excerpt_chars = excerpt_chars
+        self.max_document_chars = max_document_chars
         self.signer = store_signer(self.store, ttl=ttl)
         self.index = BM25Index()
         self._meta: dict[str, dict[str, Any]] = {}
@@ -58,41 +71,125 @@ class InternalizedCorpus:
             text = self.store.text(meta.id, namespace=self.namespace) or ""
             self.index.add(meta.id, text)
             self._meta[meta.id] = dict(meta.model_extra or {}).get("user_metadata", {})
+        # Documents still queued (or parked as failed) are searchable too: they answer by context.
+        for job in self.store.jobs(namespace=self.namespace, states=("queued", "running", "failed"), kind="document"):
+            self.index.add(job.id, job.payload)
+            self._meta[job.id] = dict(job.options.get("user_metadata") or {})
 
-    def add_texts(self, texts: Sequence[str], metadatas: Sequence[dict[str, Any]] | None = None) -> list[str]:
-        """Internalize each text (skipping ones already stored) and return their adapter ids."""
-        if isinstance(texts, str):
+    @property
+    def worker(self):
+        """The background worker of this corpus's store and model (shared, started on demand)."""
+        from .worker import worker_for
+
+        return worker_for(self.model, self.store)
+
+    def _validated(
+        self, texts: Sequence[str], metadatas: Sequence[dict[str, Any]] | None
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Check the whole batch before any work, so a bad item cannot leave half a batch added."""
+        if isinstance(texts, (str, bytes, bytearray)):
             raise InvalidInputError("add_texts takes a list of texts, not one string")
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise InvalidInputError(f"add_texts takes a list of texts, got {type(texts).__name__}") from None
         metadatas = list(metadatas) if metadatas is not None else [{} for _ in texts]
         if len(metadatas) != len(texts):
             raise InvalidInputError("texts and metadatas differ in length")
+        for i, (text, meta) in enumerate(zip(texts, metadatas, strict=True)):
+            check_text(text, f"document {i}")
+            if not text.strip():
+                raise EmptyDocumentError(f"document {i} is empty or whitespace only")
+            if len(text) > self.max_document_chars:
+                raise DocumentTooLargeError(
+                    f"document {i} has {len(text)} characters, over max_document_chars={self.max_document_chars}"
+                )
+            if not isinstance(meta, dict):
+                raise InvalidInputError(f"metadata {i} must be a dict, got {type(meta).__name__}")
+            try:
+                json.dumps(meta)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"metadata {i} is not JSON-serialisable: {exc}") from None
+        return texts, metadatas
+
+    def add_texts(
+        self,
+        texts: Sequence[str],
+        metadatas: Sequence[dict[str, Any]] | None = None,
+        *,
+        background: bool = False,
+    ) -> list[str]:
+        """Internalize each text (skipping ones already stored) and return their adapter ids.
+
+        With ``background=True`` the texts are only queued (persistently) and the ids returned at
+        once; the store's background worker internalizes them oldest first. Until then a
+        reference to one is answered from its text (``ReferenceResolver``, ``served_by="context"``).
+        """
+        texts, metadatas = self._validated(texts, metadatas)
         ids = []
+        queued = False
         for text, meta in zip(texts, metadatas, strict=True):
             existing = self.store.find_by_hash(content_hash(text), namespace=self.namespace)
             if existing is not None:
+                self.index.add(existing, text)
+                self._meta.setdefault(existing, dict(meta))
                 ids.append(existing)
                 continue
-            adapter = self.model.internalize(text, source=str(meta.get("source", "")))
-            adapter.metadata.id = content_hash(f"{self.namespace}\x00{text}")[:32]
-            adapter.metadata.user_metadata = dict(meta)
-            self.store.put(adapter, namespace=self.namespace, text=text)
-            self.index.add(adapter.id, text)
-            self._meta[adapter.id] = dict(meta)
-            ids.append(adapter.id)
+            adapter_id = document_id(self.namespace, text)
+            if background:
+                queued |= self.store.enqueue(
+                    "document",
+                    adapter_id,
+                    text,
+                    namespace=self.namespace,
+                    content_hash=content_hash(text),
+                    options={"source": str(meta.get("source", "")), "user_metadata": dict(meta)},
+                    fingerprint=self.model.fingerprint,
+                )
+            else:
+                adapter = self.model.internalize(text, source=str(meta.get("source", "")))
+                adapter.metadata.id = adapter_id
+                adapter.metadata.user_metadata = dict(meta)
+                self.store.put(adapter, namespace=self.namespace, text=text)
+            self.index.add(adapter_id, text)
+            self._meta[adapter_id] = dict(meta)
+            ids.append(adapter_id)
+        if queued:
+            self.worker.start().wake()
         return ids
 
+    def pending(self) -> list[str]:
+        """Ids of this namespace's documents still waiting for their adapter, oldest first."""
+        return [job.id for job in self.store.pending(namespace=self.namespace, kind="document")]
+
+    def failed(self) -> dict[str, str]:
+        """Ids of documents whose internalization failed, with the error (they stay context-served)."""
+        return {job.id: job.error or "" for job in self.store.failed(namespace=self.namespace)}
+
+    def drain(self, *, progress: bool = False, timeout: float | None = None) -> int:
+        """Internalize everything queued now, in this thread (see ``worker.drain``)."""
+        return self.worker.drain(progress=progress, timeout=timeout)
+
     def delete(self, adapter_ids: Sequence[str]) -> None:
+        """Delete documents; a queued one is cancelled (its adapter will never be made)."""
+        if isinstance(adapter_ids, str):
+            raise InvalidInputError("delete takes a list of ids, not one string")
         for adapter_id in adapter_ids:
             self.store.remove(adapter_id, namespace=self.namespace)
             self.index.remove(adapter_id)
             self._meta.pop(adapter_id, None)
 
     def search(self, query: str, k: int = 4) -> list[Hit]:
-        if not isinstance(query, str):
-            raise InvalidInputError("query must be a string")
+        if not isinstance(k, int) or k < 0:
+            raise InvalidInputError(f"k must be a non-negative int, got {k!r}")
+        check_text(query, "query")
         hits = []
         for adapter_id, score in self.index.search(query, k):
-            text = self.store.text(adapter_id, namespace=self.namespace) or ""
+            try:
+                text = self.store.text(adapter_id, namespace=self.namespace) or ""
+            except AdapterNotFoundError:  # deleted by another process since we indexed it
+                self.index.remove(adapter_id)
+                continue
             hits.append(
                 Hit(
                     adapter_id=adapter_id,
@@ -127,31 +224,68 @@ class Resolution:
 
 
 class ReferenceResolver:
-    """Verifies references found in prompts and loads their adapters from the store."""
+    """Verifies references found in prompts and loads their adapters from the store.
+
+    ``namespaces`` is what this resolver may activate: a multi-tenant service gives each
+    tenant's resolver that tenant's namespaces, so a reference copied from another tenant is
+    rejected (its namespace is inside the signature, so it cannot be relabelled either).
+    ``fallback_chars`` bounds the text put in the prompt for a document whose adapter is not
+    ready yet: a longer document contributes its passages that best match the message.
+    """
 
     def __init__(
-        self, store: AdapterStore, *, namespaces: Sequence[str] | None = None, ttl: float | None = 3600.0
+        self,
+        store: AdapterStore,
+        *,
+        namespaces: Sequence[str] | None = None,
+        ttl: float | None = 3600.0,
+        fallback_chars: int | None = 8000,
     ) -> None:
+        if isinstance(namespaces, str):
+            raise InvalidInputError("namespaces takes a list of namespaces, not one string")
         self.store = store
         self.namespaces = set(namespaces) if namespaces is not None else None
         self.signer = store_signer(store, ttl=ttl)
+        self.fallback_chars = fallback_chars
 
-    def _fallback_text(self, ref: Reference) -> str | None:
+    def _fallback_text(self, ref: Reference, query: str = "") -> str | None:
         """Source text for a reference whose adapter is not ready yet (None if unknown)."""
         pending = getattr(self.store, "pending_text", None)
-        return pending(ref.adapter_id, namespace=ref.namespace) if pending else None
+        text = pending(ref.adapter_id, namespace=ref.namespace) if pending else None
+        if text is None or self.fallback_chars is None or len(text) <= self.fallback_chars:
+            return text
+        return top_passages(text, query, self.fallback_chars)
+
+    def _load(self, ref: Reference, query: str) -> tuple[Adapter | None, str | None]:
+        """(adapter, None) when ready, (None, text) while queued, (None, None) when unknown."""
+        try:
+            return self.store.get(ref.adapter_id, namespace=ref.namespace), None
+        except AdapterNotFoundError:
+            text = self._fallback_text(ref, query)
+        if text is not None:
+            return None, text
+        try:  # the job may have completed between the two lookups
+            return self.store.get(ref.adapter_id, namespace=ref.namespace), None
+        except AdapterNotFoundError:
+            return None, None
 
     def resolve(self, messages: Sequence[dict[str, str]]) -> Resolution:
         """Strip references from all messages and collect the adapters of the verified ones."""
+        if isinstance(messages, (str, bytes)):
+            raise InvalidInputError("resolve takes a list of messages; use resolve_text for one string")
         adapters: list[Adapter] = []
         refs: list[Reference] = []
         served: dict[str, str] = {}
         rejected = 0
         out = []
         for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise InvalidInputError(f"bad message {m!r}: need a dict with str content")
+            content = check_text(m["content"], "message content")
+            query = LOOSE_RE.sub(" ", content)
             pieces, last = [], 0
-            for match in REF_RE.finditer(m["content"]):
-                pieces.append(m["content"][last : match.start()])
+            for match in REF_RE.finditer(content):
+                pieces.append(content[last : match.start()])
                 last = match.end()
                 ref = self.signer.verify(match, self.namespaces)
                 if ref is None:
@@ -159,22 +293,21 @@ class ReferenceResolver:
                     continue
                 if ref in refs:
                     continue
-                try:
-                    adapters.append(self.store.get(ref.adapter_id, namespace=ref.namespace))
+                adapter, text = self._load(ref, query)
+                if adapter is not None:
+                    adapters.append(adapter)
                     served[ref.adapter_id] = "adapter"
-                    refs.append(ref)
-                except AdapterNotFoundError:
-                    text = self._fallback_text(ref)
-                    if text is None:
-                        rejected += 1
-                        continue
+                elif text is not None:
                     pieces.append(text)
                     served[ref.adapter_id] = "context"
-                    refs.append(ref)
-            pieces.append(m["content"][last:])
-            content = "".join(pieces)
-            rejected += len(LOOSE_RE.findall(content))  # malformed lookalikes
-            out.append({**m, "content": LOOSE_RE.sub("", content)})
+                else:
+                    rejected += 1
+                    continue
+                refs.append(ref)
+            pieces.append(content[last:])
+            joined = "".join(pieces)
+            rejected += len(LOOSE_RE.findall(joined))  # malformed lookalikes
+            out.append({**m, "content": LOOSE_RE.sub("", joined)})
         return Resolution(messages=out, adapters=adapters, references=refs, served_by=served, rejected=rejected)
 
     def resolve_text(self, text: str) -> Resolution:

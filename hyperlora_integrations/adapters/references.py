@@ -20,6 +20,7 @@ import hmac
 import os
 import re
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +33,38 @@ LOOSE_RE = re.compile(r"\[hyperlora-ref[^\]\n]{0,400}\]")
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """A 32-byte key, created once with mode 0600 and an exclusive create (no race, no overwrite)."""
+    """A 32-byte key, created once with mode 0600, never overwritten, never seen half-written.
+
+    The key is written to a temp file, fsynced, then hard-linked into place (atomic, and fails
+    if the file exists), so a process killed mid-creation leaves no truncated key and two
+    processes racing agree on one key. A symlink is refused: the key must be the store's own
+    file, not one an attacker points it at.
+    """
+    from ..errors import CheckpointError, UnsafeFileError
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        fd, tmp = tempfile.mkstemp(prefix=".secret-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race: use its key
+        finally:
+            os.unlink(tmp)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) >= 32:
-            return key
-        raise
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot open reference key {path} (a symlink?): {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        key = f.read(4096)
+    if len(key) < 32:
+        raise CheckpointError(f"reference key {path} is truncated ({len(key)} bytes); delete it to make a new one")
     return key
 
 

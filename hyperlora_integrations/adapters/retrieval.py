@@ -71,3 +71,38 @@ class BM25Index:
                 scores.append((key, s))
         scores.sort(key=lambda kv: (-kv[1], kv[0]))
         return scores[: max(0, k)]
+
+
+def split_passages(text: str, size: int) -> list[str]:
+    """Consecutive passages of at most ``size`` characters, cut at a line or sentence end when
+    one falls in the second half (a single enormous line is cut hard, so size stays bounded)."""
+    size = max(1, size)
+    passages, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = max(text.rfind("\n", start + size // 2, end), text.rfind(". ", start + size // 2, end))
+            if cut > start:
+                end = cut + 1
+        passages.append(text[start:end])
+        start = end
+    return passages
+
+
+def top_passages(text: str, query: str, budget_chars: int, *, passage_chars: int = 1000) -> str:
+    """The passages of ``text`` that best match ``query`` (BM25), within ``budget_chars``, in
+    document order. Used to stuff a long not-yet-internalized document into a bounded prompt;
+    with no matching term the document's opening passages are kept."""
+    passages = split_passages(text, min(passage_chars, budget_chars))
+    index = BM25Index()
+    for i, passage in enumerate(passages):
+        index.add(str(i), passage)
+    ranked = sorted(index.search(query, len(passages)), key=lambda kv: (-kv[1], int(kv[0])))
+    chosen, used = [], 0
+    for key, _ in ranked:
+        n = len(passages[int(key)])
+        if used + n > budget_chars:
+            continue
+        chosen.append(int(key))
+        used += n
+    return "\n...\n".join(passages[i].strip() for i in sorted(chosen))

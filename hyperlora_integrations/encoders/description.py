@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,12 @@ class _Stop(Exception):
     pass
 
 
+# The capture list of the ``_hidden_at`` call running in *this* thread/task. The pre-hook sits on
+# the shared model, so every other thread's forward passes through it too: it must act only in
+# the context that installed it (else a concurrent ``generate`` would be cut short by ``_Stop``).
+_CAPTURE: ContextVar[list | None] = ContextVar("hyperlora_description_capture", default=None)
+
+
 def _hidden_at(model: PreTrainedModel, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Input hidden state of ``layer``, running only layers ``0..layer-1`` (halves the cost)."""
     layers = model.model.layers
@@ -80,9 +87,12 @@ def _hidden_at(model: PreTrainedModel, ids: torch.Tensor, layer: int) -> torch.T
     captured: list[torch.Tensor] = []
 
     def grab(module, args, kwargs):
+        if _CAPTURE.get() is not captured:
+            return None
         captured.append(args[0] if args else kwargs["hidden_states"])
         raise _Stop
 
+    token = _CAPTURE.set(captured)
     handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model.model(input_ids=ids, use_cache=False)
@@ -90,4 +100,5 @@ def _hidden_at(model: PreTrainedModel, ids: torch.Tensor, layer: int) -> torch.T
         pass
     finally:
         handle.remove()
+        _CAPTURE.reset(token)
     return captured[0]

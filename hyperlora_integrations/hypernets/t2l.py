@@ -34,6 +34,11 @@ class TextToLoRA(Hypernetwork):
         self.layer_emb = nn.Parameter(torch.randn(layers, dim // 4) * 0.02)
         self.module_emb = nn.Parameter(torch.randn(len(self.modules_order), dim - dim // 2 - dim // 4) * 0.02)
         self.rank_emb = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        # Description embeddings of a decoder share one huge common direction (cosine ~0.99
+        # between unrelated tasks); standardising with training-set statistics exposes the part
+        # that differs. Set once by training (``set_embedding_stats``), saved in the checkpoint.
+        self.register_buffer("emb_mean", torch.zeros(c.embed_dim))
+        self.register_buffer("emb_std", torch.ones(c.embed_dim))
         self.mixer = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.blocks = nn.Sequential(*(ResidualMLP(dim) for _ in range(c.num_res_blocks)))
         self.heads = nn.ModuleDict(
@@ -44,6 +49,7 @@ class TextToLoRA(Hypernetwork):
     def forward(self, emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``emb (B, E)`` -> A ``{m: (B, L, r, d_in)}``, B ``{m: (B, L, d_out, r)}``."""
         bsz = emb.shape[0]
+        emb = self.standardize(emb)
         layers, n_mod = self.layer_emb.shape[0], len(self.modules_order)
         task = self.task_proj(emb)[:, None, None, :].expand(bsz, layers, n_mod, -1)
         layer = self.layer_emb[None, :, None, :].expand(bsz, layers, n_mod, -1)
@@ -54,6 +60,15 @@ class TextToLoRA(Hypernetwork):
         for i, name in enumerate(self.modules_order):
             A[name], B[name] = self.heads[name](z[:, :, i])
         return A, B
+
+    def standardize(self, emb: torch.Tensor) -> torch.Tensor:
+        return (emb - self.emb_mean) / self.emb_std
+
+    @torch.no_grad()
+    def set_embedding_stats(self, embeddings: torch.Tensor) -> None:
+        """Per-dimension mean and std of the training descriptions' embeddings."""
+        self.emb_mean.copy_(embeddings.mean(0))
+        self.emb_std.copy_(embeddings.std(0).clamp_min(1e-6))
 
     def encoder(self, model: HyperLoRAModel):
         from ..encoders.description import DescriptionEncoder

@@ -1,6 +1,7 @@
 """Functional LoRA: the adapter format, per-call application, merging and PEFT interop."""
 
 from .adapter import Adapter, AdapterMetadata, concat, content_hash
+from .compress import compress, retained_energy
 from .config import LoraSpec
 from .layer import LoRAInjector, active_weights
 from .merge import merge, unmerge
@@ -12,10 +13,12 @@ __all__ = [
     "LoRAInjector",
     "LoraSpec",
     "active_weights",
+    "compress",
     "concat",
     "content_hash",
     "load_peft",
     "merge",
+    "retained_energy",
     "save_peft",
     "unmerge",
 ]

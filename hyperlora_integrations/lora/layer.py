@@ -116,6 +116,20 @@ class LoRAInjector:
                 )
 
     # ------------------------------------------------------------------ activation
+    def folded(self, adapters: Sequence[Adapter]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Rank-concatenated, scaling-folded weights in the model's dtype and device.
+
+        Adapters may be stored in half precision to save memory; the matmuls run in the
+        model's own dtype (fp16 matmuls are slow on CPUs).
+        """
+        combined = concat(adapters) if len(adapters) > 1 else adapters[0]
+        A, B = combined.folded()
+        p = next(self.model.parameters())
+        return (
+            {k: v.to(device=p.device, dtype=p.dtype) for k, v in A.items()},
+            {k: v.to(device=p.device, dtype=p.dtype) for k, v in B.items()},
+        )
+
     @contextmanager
     def activate(self, adapters: Sequence[Adapter] = ()) -> Iterator[None]:
         """Apply ``adapters`` (rank-concatenated) to every forward pass inside the block.
@@ -129,8 +143,7 @@ class LoRAInjector:
         if not adapters:
             weights = None
         else:
-            combined = concat(adapters) if len(adapters) > 1 else adapters[0]
-            A, B = combined.folded()
+            A, B = self.folded(adapters)
             weights = LoRAWeights(owner=id(self), A=A, B=B)
         token = _ACTIVE.set(weights)
         try:

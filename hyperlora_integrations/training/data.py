@@ -155,7 +155,8 @@ def olmo_drop(root: Path | None = None) -> Iterator[EvalItem]:
 def olmo_boolq(root: Path | None = None) -> Iterator[EvalItem]:
     for row in _arrow_rows("boolq", root):
         yes = str(row["answer"]).lower() in ("true", "1")
-        yield EvalItem(row["passage"], row["question"].rstrip("?") + "?", ["yes" if yes else "no"], "boolq")
+        # Capitalised as a chat model answers; F1/EM normalise case anyway.
+        yield EvalItem(row["passage"], row["question"].rstrip("?") + "?", ["Yes" if yes else "No"], "boolq")
 
 
 def olmo_sciq(root: Path | None = None) -> Iterator[EvalItem]:

@@ -36,7 +36,10 @@ def load_state(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer) -> 
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["info"])
     tensors = load_file(str(path))
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    saved = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    missing, unexpected = net.load_state_dict(saved, strict=False)
+    if unexpected or any(k in dict(net.named_parameters()) for k in missing):
+        raise ValueError(f"training state does not fit the network: missing={missing} unexpected={unexpected}")
     for name, p in net.named_parameters():
         if f"opt.{name}.exp_avg" in tensors:
             opt.state[p] = {

@@ -53,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-qas", type=int, default=4, help="questions per document and step")
     p.add_argument("--top-k", type=int, default=16, help="teacher log-probs kept per position")
     p.add_argument("--l1", type=float, default=0.1, help="L1 penalty on the generated B weights")
+    p.add_argument(
+        "--question-weight",
+        type=float,
+        default=0.25,
+        help="loss weight of question/template tokens relative to answer tokens (1.0: uniform)",
+    )
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
     p.add_argument("--eval-every", type=int, default=50)
@@ -77,6 +83,17 @@ def qa_messages(qas: list[tuple[str, str]]) -> list[dict[str, str]]:
     for q, a in qas:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return messages
+
+
+def answer_mask(tok, qas: list[tuple[str, str]], n_ids: int) -> torch.Tensor:
+    """True at student token positions that belong to an assistant answer (its end marker too)."""
+    mask = torch.zeros(n_ids, dtype=torch.bool)
+    messages = qa_messages(qas)
+    for i in range(len(qas)):
+        start = len(encode_chat(tok, messages[: 2 * i + 1], add_generation_prompt=True))
+        end = len(encode_chat(tok, messages[: 2 * i + 2], add_generation_prompt=False))
+        mask[start:end] = True
+    return mask
 
 
 def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas, args, prefix):
@@ -114,8 +131,12 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
     with model.injector.activate_weights(A, B):
         hidden = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
     s_logp = F.log_softmax(lm.lm_head(hidden[0, positions]).float(), dim=-1)
-    ce = -(top_p * s_logp.gather(-1, top_idx)).sum(-1).mean()
-    kl = ce + (top_p * top_logp).sum(-1).mean()
+    # Answer tokens carry what the document tells; question and template tokens get less weight.
+    is_answer = answer_mask(tok, qas, len(student_ids))[positions.cpu() + 1].to(device)
+    weight = torch.where(is_answer, 1.0, getattr(args, "question_weight", 1.0))
+    weight = weight / weight.sum()
+    ce = -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
+    kl = ce + ((top_p * top_logp).sum(-1) * weight).sum()
     l1 = sum(b.abs().mean() for b in B.values()) / len(B)
     return ce + args.l1 * l1, {"kl": float(kl), "l1": float(l1), "chunks": len(chunks)}
 
@@ -147,6 +168,12 @@ def heldout_nll(model: HyperLoRAModel, net: DocToLoRA, items, baselines=None) ->
         "gap_closure": gap,
         "_rows": rows,
     }
+
+
+def _eval_key(items) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([[i.passage, i.question, i.answers] for i in items]).encode()).hexdigest()[:16]
 
 
 def main(argv=None) -> Path:
@@ -197,6 +224,8 @@ def main(argv=None) -> Path:
         info = load_state(state_path, net, opt)
         start, cursor = info["step"], info["cursor"]
         baselines = info.get("baselines")
+        if info.get("eval_key") != _eval_key(eval_items):
+            baselines = None  # the held-out probe set changed: recompute its baselines
         print(f"resumed from step {start}")
     net.train()
     prefix = context_prefix(model.tokenizer)

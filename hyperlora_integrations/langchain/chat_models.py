@@ -1,0 +1,583 @@
+"""``ChatHyperLoRA``: a LangChain chat model over ``HyperLoRAModel`` with adapters chosen per call.
+
+A call's adapters come from four places, combined by rank concatenation for that call only:
+
+1. references in the input (put there by ``HyperLoRARetriever``): verified against the adapter
+   store's signing key and the namespaces this model accepts, stripped from the prompt, and
+   their adapters activated. Every reference-shaped string is stripped, valid or not;
+2. an explicit ``adapters=[...]`` argument to ``invoke``/``stream``/``bind``;
+3. ``with_skill(...)``: a copy of the model that always applies one skill adapter;
+4. ``auto_skill=True`` with a ``SkillLibrary``: the skill whose description best matches the
+   latest user message (if it clears the library's threshold).
+
+Nothing is stored on the instance between calls: adapters are handed to the core per call and
+it scopes them with a ContextVar, so concurrent calls in threads or asyncio tasks cannot see
+each other's adapters. ``response_metadata`` says which adapters a call used and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Literal
+
+from .._optional import require
+
+require("langchain_core", "langchain")
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun  # noqa: E402
+from langchain_core.language_models import BaseChatModel, LanguageModelInput  # noqa: E402
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream  # noqa: E402
+from langchain_core.messages import AIMessageChunk, BaseMessage  # noqa: E402
+from langchain_core.messages.tool import tool_call_chunk  # noqa: E402
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser  # noqa: E402
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser  # noqa: E402
+from langchain_core.outputs import ChatGenerationChunk, ChatResult  # noqa: E402
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough  # noqa: E402
+from langchain_core.tools import BaseTool  # noqa: E402
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool  # noqa: E402
+from langchain_core.utils.pydantic import is_basemodel_subclass  # noqa: E402
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator  # noqa: E402
+
+from ..adapters.corpus import ReferenceResolver  # noqa: E402
+from ..adapters.references import LOOSE_RE  # noqa: E402
+from ..errors import InvalidInputError  # noqa: E402
+from ..lora import Adapter  # noqa: E402
+from ..model import HyperLoRAModel  # noqa: E402
+from ..skills import Skill, SkillLibrary  # noqa: E402
+from ._messages import last_user_text, to_core_messages  # noqa: E402
+from ._toolcalls import StreamFilter, ToolSpec, render_tools  # noqa: E402
+
+# Call options that arrive through ``bind``/``invoke`` kwargs and are understood here.
+_SAMPLING_KEYS = ("temperature", "max_tokens", "top_p", "seed", "timeout")
+# Accepted for drop-in compatibility with API-backed chat models; they have no local effect.
+_IGNORED_KEYS = ("stream", "stream_usage", "strict", "ls_structured_output_format", "structured_output_format")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(base_model: str | None, d2l: str | None, t2l: str | None) -> HyperLoRAModel:
+    """Load (once per process) a model named by strings, so many chat models share its weights."""
+    return HyperLoRAModel.from_pretrained(base_model, d2l=d2l, t2l=t2l)
+
+
+@dataclass
+class _Call:
+    """Everything one call resolved before generation starts."""
+
+    messages: list[dict[str, str]]
+    adapters: list[Adapter]
+    sources: list[dict[str, Any]]
+    sampling: dict[str, Any]
+    deadline: float | None
+    tool_names: list[str]
+    parallel_tool_calls: bool
+    served_by: dict[str, str] = field(default_factory=dict)
+    rejected: int = 0
+    skill: dict[str, Any] | None = None
+
+
+def _add_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """Append ``text`` to the leading system message, or start the conversation with one."""
+    if messages and messages[0]["role"] == "system":
+        head = messages[0]["content"]
+        return [{"role": "system", "content": f"{head}\n\n{text}" if head.strip() else text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _json_instruction(response_format: dict[str, Any]) -> str:
+    schema = response_format.get("schema")
+    if response_format.get("type") == "json_schema" and schema:
+        return "Reply with only a JSON object that conforms to this JSON schema, with no other text:\n" + json.dumps(
+            schema, ensure_ascii=False
+        )
+    text = "Reply with only a valid JSON object, with no other text."
+    if schema:
+        text += " Use this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
+    return text
+
+
+class ChatHyperLoRA(BaseChatModel):
+    """Chat model over a frozen base model plus hypernetwork-generated LoRA adapters.
+
+    Construct it with a loaded ``HyperLoRAModel`` (``model=...``, shared with retrievers and
+    skill libraries), or with ``model_name`` (a base model folder/hub id; ``None`` is the
+    embedded default) to load one, cached per process.
+
+    ``temperature``, ``max_tokens``, ``top_p``, ``seed``, ``stop`` and ``timeout`` work as in
+    API-backed chat models and may be overridden per call. ``api_key`` and ``max_retries``
+    are accepted so code written for hosted models constructs this one unchanged; a local model
+    has no key and no transient failures to retry, so they have no effect.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: Any = Field(default=None, exclude=True)
+    """A ``HyperLoRAModel``; a string here is taken as ``model_name``."""
+    model_name: str | None = None
+    """Base model to load when ``model`` is not given (``None``: the embedded default)."""
+    d2l: str | None = "default"
+    """Doc-to-LoRA checkpoint to load with ``model_name`` (``"default"``: the shipped one)."""
+    t2l: str | None = "default"
+    """Text-to-LoRA checkpoint to load with ``model_name``."""
+
+    temperature: float = 0.0
+    max_tokens: int | None = 256
+    """New tokens per call; ``None`` allows up to the end of the context window."""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    """Default stop sequences; a call's own ``stop`` replaces them."""
+    timeout: float | None = None
+    """Seconds a call may spend generating; past it the call raises ``TimeoutError``."""
+    streaming: bool = False
+    max_retries: int = 2
+    api_key: SecretStr | None = None
+
+    adapter_store: Any = Field(default=None, exclude=True)
+    """The ``AdapterStore`` whose signed references this model honours."""
+    reference_namespaces: list[str] | None = None
+    """Namespaces references may name; ``None``: any namespace of ``adapter_store``."""
+    references_from: list[Any] = Field(default_factory=list, exclude=True)
+    """Retrievers whose references to honour: sets ``adapter_store`` and the namespaces."""
+    reference_ttl: float | None = 3600.0
+    """References older than this many seconds are rejected (``None``: never expire)."""
+
+    skills: Any = Field(default=None, exclude=True)
+    """A ``SkillLibrary`` for ``auto_skill`` routing and ``with_skill(name)``."""
+    auto_skill: bool = False
+    skill_threshold: float | None = None
+    """Routing threshold; ``None`` uses the library's own."""
+    skill_adapter: Any = Field(default=None, exclude=True)
+    """The skill applied to every call (set by ``with_skill``)."""
+
+    _resolver: ReferenceResolver | None = PrivateAttr(default=None)
+    _skill_cache: dict[str, Adapter] = PrivateAttr(default_factory=dict)
+    _skill_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ construction
+    @model_validator(mode="before")
+    @classmethod
+    def _model_string(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("model"), str):
+            values = {**values, "model_name": values["model"], "model": None}
+        return values
+
+    @model_validator(mode="after")
+    def _setup(self) -> ChatHyperLoRA:
+        if self.model is None:
+            self.model = _load_model(self.model_name, self.d2l, self.t2l)
+        if not isinstance(self.model, HyperLoRAModel):
+            raise InvalidInputError(f"model must be a HyperLoRAModel or a model name, got {type(self.model).__name__}")
+        self.model_name = self.model.name
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.references_from:
+            stores = {id(r.store): r.store for r in self.references_from}
+            if self.adapter_store is not None:
+                stores[id(self.adapter_store)] = self.adapter_store
+            if len(stores) != 1:
+                raise InvalidInputError("references_from retrievers (and adapter_store) must share one AdapterStore")
+            self.adapter_store = next(iter(stores.values()))
+            spaces = set(self.reference_namespaces or ()) | {r.namespace for r in self.references_from}
+            self.reference_namespaces = sorted(spaces)
+        if self.adapter_store is not None:
+            self._resolver = ReferenceResolver(
+                self.adapter_store, namespaces=self.reference_namespaces, ttl=self.reference_ttl
+            )
+        if self.auto_skill and not isinstance(self.skills, SkillLibrary):
+            raise InvalidInputError("auto_skill=True needs skills=SkillLibrary(...)")
+        if self.skill_adapter is not None and not isinstance(self.skill_adapter, Adapter):
+            raise InvalidInputError("skill_adapter must be an Adapter; use with_skill() for descriptions")
+        return self
+
+    # ------------------------------------------------------------------ LangChain plumbing
+    @property
+    def _llm_type(self) -> str:
+        return "hyperlora-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "hyperlora"
+        override = kwargs.get("model")
+        params["ls_model_name"] = override if isinstance(override, str) else str(self.model_name)
+        stops = stop if stop is not None else self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def get_num_tokens(self, text: str) -> int:
+        """Exact count under the base model's tokenizer (not an estimate)."""
+        return self.model.count_tokens(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """Exact prompt length of ``messages`` under the chat template (references removed)."""
+        core = to_core_messages(messages)
+        if tools:
+            specs = [self._spec(convert_to_openai_tool(t)) for t in tools]
+            core = _add_system(core, render_tools(specs, None))
+        return len(self.model.encode([{**m, "content": LOOSE_RE.sub("", m["content"])} for m in core]))
+
+    # ------------------------------------------------------------------ tools and structure
+    @staticmethod
+    def _spec(tool: dict[str, Any]) -> ToolSpec:
+        fn = tool["function"]
+        return ToolSpec(fn["name"], fn.get("description", ""), fn.get("parameters", {}))
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Any | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, BaseMessage]:
+        """Bind tools: their schemas are rendered into the system prompt of each call.
+
+        ``tool_choice``: ``None``/"auto" (model decides), "none" (tools hidden), "any"/"required"/
+        ``True`` (must call one), or a tool name / ``{"function": {"name": ...}}``. Forcing is an
+        instruction to the model, not constrained decoding, so a weak model may still answer in
+        text; the output is then returned as plain text.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [f["function"]["name"] for f in formatted]
+        choice: str | None
+        if tool_choice in (None, "auto", False):
+            choice = None
+        elif tool_choice == "none":
+            choice = "none"
+        elif tool_choice in ("any", "required", True):
+            choice = names[0] if len(names) == 1 else "any"
+        elif isinstance(tool_choice, dict):
+            choice = (tool_choice.get("function") or tool_choice).get("name")
+        else:
+            choice = str(tool_choice)
+        if choice not in (None, "none", "any") and choice not in names:
+            raise ValueError(f"tool_choice {tool_choice!r} names no bound tool (bound: {names})")
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        include_raw: bool = False,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Return outputs parsed into ``schema`` (a Pydantic class, TypedDict or JSON schema).
+
+        ``json_schema`` (default) and ``json_mode`` ask for a bare JSON object in the system
+        prompt and parse the reply; ``function_calling`` forces a call of a tool shaped like
+        ``schema``. None of them constrain decoding, so the parse can fail on a weak model:
+        with ``include_raw=False`` that raises ``OutputParserException`` (function calling yields
+        ``None`` when no call was made), with ``include_raw=True`` it is reported in
+        ``parsing_error``. ``strict`` is accepted for compatibility; outputs are always
+        validated after generation.
+        """
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        parser: Runnable
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            json_schema = convert_to_json_schema(schema) if schema is not None else None
+            llm = self.bind(
+                response_format={"type": method, "schema": json_schema}, ls_structured_output_format=ls_format
+            )
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"unknown method {method!r}: use json_schema, function_calling or json_mode")
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+    # ------------------------------------------------------------------ skills
+    def skill(self, skill: str | Adapter | Skill) -> Adapter:
+        """The adapter for ``skill``: an Adapter, a Skill, a library skill name, or a description.
+
+        Descriptions go through Text-to-LoRA once and are cached on this instance.
+        """
+        if isinstance(skill, Adapter):
+            return skill
+        if isinstance(skill, Skill):
+            return skill.adapter
+        if not isinstance(skill, str) or not skill.strip():
+            raise InvalidInputError("a skill is an Adapter, a Skill, a skill name or a non-empty description")
+        if isinstance(self.skills, SkillLibrary) and skill in self.skills.names():
+            return self.skills.get(skill).adapter
+        with self._skill_lock:
+            cached = self._skill_cache.get(skill)
+        if cached is None:
+            cached = self.model.generate_skill(skill)
+            with self._skill_lock:
+                self._skill_cache[skill] = cached
+        return cached
+
+    def with_skill(self, skill: str | Adapter | Skill) -> ChatHyperLoRA:
+        """A copy of this chat model that applies ``skill``'s adapter to every call.
+
+        It is a full chat model (``bind_tools``, ``with_structured_output`` and agent
+        constructors accept it) sharing this one's weights; the original is unchanged.
+        """
+        return self.model_copy(update={"skill_adapter": self.skill(skill)})
+
+    # ------------------------------------------------------------------ per-call resolution
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
+        kwargs = dict(kwargs)
+        override = kwargs.pop("model", None)
+        if override is not None and override != self.model_name:
+            raise InvalidInputError(
+                f"this ChatHyperLoRA serves {self.model_name!r}; per-call model override ({override!r}) "
+                "is not supported: construct another ChatHyperLoRA"
+            )
+        explicit = kwargs.pop("adapters", None) or ()
+        tools = kwargs.pop("tools", None) or []
+        choice = kwargs.pop("tool_choice", None)
+        parallel = kwargs.pop("parallel_tool_calls", None)
+        response_format = kwargs.pop("response_format", None)
+        sampling = {key: kwargs.pop(key) for key in _SAMPLING_KEYS if key in kwargs}
+        for key in _IGNORED_KEYS:
+            kwargs.pop(key, None)
+        if kwargs:
+            raise TypeError(f"ChatHyperLoRA got unexpected call arguments: {sorted(kwargs)}")
+
+        core = to_core_messages(messages)
+        specs = [self._spec(t) for t in tools] if choice != "none" else []
+        if specs:
+            core = _add_system(core, render_tools(specs, choice))
+        if response_format:
+            core = _add_system(core, _json_instruction(response_format))
+
+        # References: verified ones become adapters; every reference-shaped string is removed.
+        served: dict[str, str] = {}
+        rejected = 0
+        adapters: list[Adapter] = []
+        sources: list[dict[str, Any]] = []
+        if self._resolver is not None:
+            resolution = self._resolver.resolve(core)
+            core, served, rejected = resolution.messages, dict(resolution.served_by), resolution.rejected
+            namespaces = {ref.adapter_id: ref.namespace for ref in resolution.references}
+            for adapter in resolution.adapters:
+                adapters.append(adapter)
+                sources.append(self._describe(adapter, "reference", namespace=namespaces.get(adapter.id)))
+        else:
+            for m in core:
+                rejected += len(LOOSE_RE.findall(m["content"]))
+            core = [{**m, "content": LOOSE_RE.sub("", m["content"])} for m in core]
+
+        for adapter in explicit:
+            if not isinstance(adapter, Adapter):
+                raise InvalidInputError(f"adapters= takes Adapter objects, got {type(adapter).__name__}")
+            adapters.append(adapter)
+            sources.append(self._describe(adapter, "adapters"))
+
+        skill_info = None
+        if self.skill_adapter is not None:
+            adapters.append(self.skill_adapter)
+            sources.append(self._describe(self.skill_adapter, "with_skill"))
+        elif self.auto_skill:
+            request = last_user_text(core)
+            if request is not None:
+                ranked = self.skills.scores(request)
+                chosen = self.skills.route(request, threshold=self.skill_threshold)
+                if chosen is not None:
+                    adapters.append(chosen.adapter)
+                    sources.append(self._describe(chosen.adapter, "auto_skill"))
+                    skill_info = {"name": chosen.name, "score": round(dict(ranked)[chosen.name], 4)}
+
+        unique: dict[str, Adapter] = {}
+        described: dict[str, dict[str, Any]] = {}
+        for adapter, source in zip(adapters, sources, strict=True):  # one adapter via two routes: apply once
+            unique.setdefault(adapter.id, adapter)
+            described.setdefault(adapter.id, source)
+
+        stops = stop if stop is not None else self.stop
+        max_tokens = sampling.get("max_tokens", self.max_tokens)
+        if max_tokens is None:
+            max_tokens = max(1, self.model.max_context - len(self.model.encode(core)))
+        timeout = sampling.get("timeout", self.timeout)
+        return _Call(
+            messages=core,
+            adapters=list(unique.values()),
+            sources=list(described.values()),
+            sampling={
+                "max_new_tokens": int(max_tokens),
+                "temperature": float(sampling.get("temperature", self.temperature)),
+                "top_p": float(sampling.get("top_p", self.top_p)),
+                "seed": sampling.get("seed", self.seed),
+                "stop": tuple(stops or ()),
+            },
+            deadline=time.monotonic() + timeout if timeout else None,
+            tool_names=[s.name for s in specs],
+            parallel_tool_calls=parallel is not False,
+            served_by=served,
+            rejected=rejected,
+            skill=skill_info,
+        )
+
+    @staticmethod
+    def _describe(adapter: Adapter, via: str, namespace: str | None = None) -> dict[str, Any]:
+        info = {"id": adapter.id, "kind": adapter.kind, "source": adapter.metadata.source, "via": via}
+        if namespace is not None:
+            info["namespace"] = namespace
+        return info
+
+    # ------------------------------------------------------------------ generation
+    def _chunks(self, call: _Call) -> Iterator[ChatGenerationChunk]:
+        """Stream one call: text as soon as it is final, then a last chunk with everything else."""
+        filt = StreamFilter(call.tool_names)
+        last = None
+        pieces = self.model.stream_chunks(call.messages, call.adapters, **call.sampling)
+        try:
+            for piece in pieces:
+                if call.deadline is not None and time.monotonic() > call.deadline:
+                    raise TimeoutError("generation exceeded its timeout")
+                text = filt.feed(piece.text) if piece.text else ""
+                if text:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+                if piece.finish_reason is not None:
+                    last = piece
+        finally:
+            pieces.close()
+        rest, parsed = filt.finish()
+        calls = parsed.calls if call.parallel_tool_calls else parsed.calls[:1]
+        finish = "tool_calls" if calls else (last.finish_reason if last else "stop")
+        metadata: dict[str, Any] = {
+            "model_name": self.model_name,
+            "model_provider": "hyperlora",
+            "finish_reason": finish,
+            "adapters": call.sources,
+            "served_by": call.served_by,
+            "references_rejected": call.rejected,
+        }
+        if call.skill is not None:
+            metadata["skill"] = call.skill
+        if parsed.error:
+            metadata["tool_call_error"] = parsed.error
+        prompt_tokens = last.prompt_tokens if last else 0
+        completion_tokens = last.completion_tokens if last else 0
+        message = AIMessageChunk(
+            content=rest,
+            tool_call_chunks=[
+                tool_call_chunk(
+                    name=c.name,
+                    args=json.dumps(c.arguments, ensure_ascii=False),
+                    id=f"call_{uuid.uuid4().hex[:24]}",
+                    index=i,
+                )
+                for i, c in enumerate(calls)
+            ],
+            usage_metadata={
+                "input_tokens": prompt_tokens,
+                "output_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            response_metadata=metadata,
+            chunk_position="last",
+        )
+        yield ChatGenerationChunk(message=message)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # Token callbacks: LangChain's stream() reports each chunk we yield to the run manager.
+        yield from self._chunks(self._prepare(messages, stop, kwargs))
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._chunks(self._prepare(messages, stop, kwargs)))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Generate in a worker thread and hand chunks to the event loop as they come.
+
+        The loop never runs a forward pass. If the consumer stops early, the worker stops at the
+        next token instead of generating the rest of the answer for nobody.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(kind: str, item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+            except RuntimeError:  # the loop closed under us: nobody is listening any more
+                cancelled.set()
+
+        def produce() -> None:
+            try:
+                for chunk in self._chunks(self._prepare(messages, stop, kwargs)):
+                    if cancelled.is_set():
+                        return
+                    put("chunk", chunk)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                put("error", exc)
+            else:
+                put("done", None)
+
+        context = contextvars.copy_context()
+        worker = threading.Thread(target=context.run, args=(produce,), name="hyperlora-generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "chunk":
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            cancelled.set()
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, None, **kwargs))

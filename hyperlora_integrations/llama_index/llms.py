@@ -1,0 +1,352 @@
+"""``HyperLoRALLM``: a LlamaIndex LLM over a ``HyperLoRAModel`` that activates referenced adapters.
+
+Retrievers in this package put signed references where document text would go. Every call
+here hands the prompt to the core ``ReferenceResolver``, which strips all reference-shaped
+strings (valid or forged), verifies the signatures and loads the adapters of the valid ones;
+generation then runs with exactly those adapters active, for this call only. So an unchanged
+``RetrieverQueryEngine`` answers from internalized documents without their text in the prompt.
+
+The model is a chat model (its chat template is applied by the core), so ``metadata`` reports
+``is_chat_model=True`` and LlamaIndex sends it messages; ``complete`` sends its prompt as one
+user turn. What each call did is returned in ``raw`` and ``additional_kwargs``: the adapters
+that were active, how each reference was served, how many references were rejected, and exact
+token counts under the base model's tokenizer (``raw["usage"]``, read by ``TokenCountingHandler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._optional import require
+
+require("llama_index.core", "llamaindex")
+
+from llama_index.core.base.llms.types import (  # noqa: E402
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback  # noqa: E402
+from llama_index.core.llms.custom import CustomLLM  # noqa: E402
+
+from ..adapters import AdapterStore, ReferenceResolver, Resolution  # noqa: E402
+from ..errors import InvalidInputError  # noqa: E402
+from ..generation import Chunk, SamplingParams  # noqa: E402
+from ..lora import Adapter  # noqa: E402
+from ..model import HyperLoRAModel  # noqa: E402
+from ._async import iterate_in_thread  # noqa: E402
+
+_ROLE_MAP = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
+    MessageRole.FUNCTION: "tool",
+}
+_SAMPLING_KWARGS = {"max_new_tokens", "max_tokens", "temperature", "top_p", "stop", "seed"}
+
+
+def to_core_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex messages as the core's ``{"role", "content"}`` dicts.
+
+    The model reads text only: an image, audio or document block is refused rather than
+    silently dropped, since an answer that never saw the user's attachment would be wrong.
+    Reasoning traces and cache markers carry no content for this model and are skipped.
+    """
+    out = []
+    for message in messages:
+        role = _ROLE_MAP.get(MessageRole(message.role))
+        if role is None:
+            raise InvalidInputError(f"unsupported message role {message.role!r}")
+        texts = []
+        for block in message.blocks:
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif not isinstance(block, (ThinkingBlock, CachePoint)):
+                raise InvalidInputError(f"HyperLoRALLM is text-only; got a {type(block).__name__} in a {role} message")
+        out.append({"role": role, "content": "\n".join(texts)})
+    if not out:
+        raise InvalidInputError("empty message list")
+    return out
+
+
+@dataclass
+class _Call:
+    """One prepared call: the prompt after reference resolution and what runs with it."""
+
+    resolution: Resolution
+    adapters: list[Adapter]
+    sampling: dict[str, Any]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "adapters": [a.id for a in self.adapters],
+            "served_by": dict(self.resolution.served_by),
+            "rejected_references": self.resolution.rejected,
+        }
+
+
+class HyperLoRALLM(CustomLLM):
+    """LlamaIndex LLM backed by a local ``HyperLoRAModel``; works as ``Settings.llm``.
+
+    ``store`` is the adapter store whose references this LLM may activate (the store of the
+    ``InternalizedIndex``/``HyperLoRARetriever`` that produced them); ``namespaces`` narrows
+    it to some namespaces of that store. References signed by another store, expired ones or
+    ones from other namespaces are stripped and counted as rejected, never activated.
+    Extra adapters (a skill, say) can be passed per call: ``llm.complete(p, adapters=[a])``.
+    """
+
+    model_name: str = Field(default="", description="Name of the base model (reported in metadata).")
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens generated at most per call (num_output).")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Seed for sampling; None draws fresh randomness.")
+    stop: list[str] = Field(default_factory=list, description="Stop sequences (not included in the output).")
+    context_window: int | None = Field(
+        default=None, gt=0, description="Prompt + output token budget; defaults to the model's maximum."
+    )
+    namespaces: list[str] | None = Field(
+        default=None, description="Store namespaces whose references may be activated; None allows all."
+    )
+    reference_ttl: float | None = Field(
+        default=3600.0, description="References older than this many seconds are rejected; None never expires."
+    )
+
+    _model: HyperLoRAModel = PrivateAttr()
+    _store: AdapterStore | None = PrivateAttr(default=None)
+    _resolver: ReferenceResolver | None = PrivateAttr(default=None)
+    _resolver_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, model: HyperLoRAModel, *, store: AdapterStore | None = None, **kwargs: Any) -> None:
+        if not isinstance(model, HyperLoRAModel):
+            raise InvalidInputError(f"model must be a HyperLoRAModel, got {type(model).__name__}")
+        kwargs.setdefault("model_name", model.name)
+        super().__init__(**kwargs)
+        if self.context_window is not None and self.context_window > model.max_context:
+            raise InvalidInputError(
+                f"context_window={self.context_window} exceeds the model's {model.max_context}-token context"
+            )
+        self._model = model
+        self._store = store
+        if self.max_new_tokens >= self.effective_context_window:
+            raise InvalidInputError("max_new_tokens must leave room for the prompt within the context window")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "HyperLoRALLM"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hyperlora_model(self) -> HyperLoRAModel:
+        """The core model (tokenizer, hypernetworks, ``internalize``, ``generate_skill``)."""
+        return self._model
+
+    @property
+    def store(self) -> AdapterStore | None:
+        """The store whose references this LLM resolves (None: every reference is rejected)."""
+        return self._store
+
+    @property
+    def effective_context_window(self) -> int:
+        return self.context_window or self._model.max_context
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """What LlamaIndex's prompt packing relies on, taken from the model rather than guessed."""
+        return LLMMetadata(
+            context_window=self.effective_context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=self.model_name,
+        )
+
+    def accepts_references_from(self, store: AdapterStore, namespace: str) -> bool:
+        """Whether references issued for ``namespace`` of ``store`` would be activated here."""
+        if self._store is None or self._store.path.resolve() != store.path.resolve():
+            return False
+        return self.namespaces is None or namespace in self.namespaces
+
+    def with_store(self, store: AdapterStore, namespaces: Sequence[str] | None = None) -> HyperLoRALLM:
+        """A copy with the same settings that resolves references against ``store``."""
+        copy = self.model_copy(update={"namespaces": list(namespaces) if namespaces is not None else None})
+        copy._store = store
+        copy._resolver = None
+        copy._resolver_lock = threading.Lock()
+        return copy
+
+    # ------------------------------------------------------------------ preparation
+    def _get_resolver(self) -> ReferenceResolver:
+        # Without a store nothing can verify, but references must still be stripped from the
+        # prompt: an empty private store gives a resolver that rejects every one of them.
+        with self._resolver_lock:
+            if self._resolver is None:
+                store = self._store if self._store is not None else AdapterStore()
+                self._resolver = ReferenceResolver(store, namespaces=self.namespaces, ttl=self.reference_ttl)
+            return self._resolver
+
+    def _prepare(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
+        extra = kwargs.pop("adapters", None) or ()
+        kwargs.pop("formatted", None)  # meaningful to completion-style LLMs only
+        unknown = set(kwargs) - _SAMPLING_KWARGS
+        if unknown:
+            raise TypeError(f"HyperLoRALLM got unexpected keyword arguments {sorted(unknown)}")
+        if isinstance(extra, Adapter):
+            extra = [extra]
+        extra = list(extra)
+        for adapter in extra:
+            if not isinstance(adapter, Adapter):
+                raise InvalidInputError(f"adapters must be Adapter objects, got {type(adapter).__name__}")
+        resolution = self._get_resolver().resolve(messages)
+        adapters = extra + [a for a in resolution.adapters if all(a.id != e.id for e in extra)]
+        if "max_tokens" in kwargs and "max_new_tokens" in kwargs:
+            raise TypeError("pass max_new_tokens or max_tokens, not both")
+        sampling = {
+            "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "stop": tuple(kwargs.get("stop", self.stop) or ()),
+            "seed": kwargs.get("seed", self.seed),
+        }
+        SamplingParams(**sampling)  # fail at call time, not at the first token of a stream
+        call = _Call(resolution, adapters, sampling)
+        self._check_budget(call)
+        return call
+
+    def _prompt_messages(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        return [{"role": "user", "content": prompt}]
+
+    def _chunks(self, call: _Call) -> Iterator[Chunk]:
+        return self._model.stream_chunks(
+            call.resolution.messages, call.adapters, system=self.system_prompt, **call.sampling
+        )
+
+    def _check_budget(self, call: _Call) -> None:
+        """Enforce a configured ``context_window`` smaller than the model's (the core checks its own).
+
+        LlamaIndex packs prompts to ``metadata.context_window``; a window set lower (to bound
+        latency or memory) is a promise this LLM keeps instead of silently running past it.
+        """
+        if self.context_window is None or self.context_window >= self._model.max_context:
+            return
+        prompt_tokens = len(self._model.encode(call.resolution.messages, system=self.system_prompt))
+        if prompt_tokens + call.sampling["max_new_tokens"] > self.context_window:
+            raise InvalidInputError(
+                f"prompt of {prompt_tokens} tokens + {call.sampling['max_new_tokens']} new tokens exceeds "
+                f"context_window={self.context_window}"
+            )
+
+    def _raw(self, call: _Call, last: Chunk) -> dict[str, Any]:
+        usage = {
+            "prompt_tokens": last.prompt_tokens,
+            "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+        }
+        return {"model": self.model_name, "usage": usage, "finish_reason": last.finish_reason, **call.info()}
+
+    def _run(self, call: _Call) -> tuple[str, dict[str, Any]]:
+        pieces, last = [], Chunk("")
+        for chunk in self._chunks(call):
+            pieces.append(chunk.text)
+            last = chunk
+        return "".join(pieces), self._raw(call, last)
+
+    def _iter_completion(self, call: _Call) -> Iterator[CompletionResponse]:
+        text = ""
+        for chunk in self._chunks(call):
+            text += chunk.text
+            if chunk.finish_reason is not None:
+                raw = self._raw(call, chunk)
+                yield CompletionResponse(text=text, delta=chunk.text, raw=raw, additional_kwargs=_summary(raw))
+            elif chunk.text:
+                yield CompletionResponse(text=text, delta=chunk.text, additional_kwargs=call.info())
+
+    def _iter_chat(self, call: _Call) -> Iterator[ChatResponse]:
+        for response in self._iter_completion(call):
+            yield ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
+                delta=response.delta,
+                raw=response.raw,
+                additional_kwargs=response.additional_kwargs,
+            )
+
+    # ------------------------------------------------------------------ sync API
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = self._prepare(self._prompt_messages(prompt, formatted), kwargs)
+        text, raw = self._run(call)
+        return CompletionResponse(text=text, raw=raw, additional_kwargs=_summary(raw))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        call = self._prepare(self._prompt_messages(prompt, formatted), kwargs)
+        return self._iter_completion(call)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._prepare(to_core_messages(messages), kwargs)
+        text, raw = self._run(call)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=_summary(raw)
+        )
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        call = self._prepare(to_core_messages(messages), kwargs)
+        return self._iter_chat(call)
+
+    # ------------------------------------------------------------------ async API (worker threads)
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = self._prepare(self._prompt_messages(prompt, formatted), kwargs)
+        text, raw = await asyncio.to_thread(self._run, call)
+        return CompletionResponse(text=text, raw=raw, additional_kwargs=_summary(raw))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        call = self._prepare(self._prompt_messages(prompt, formatted), kwargs)
+        return iterate_in_thread(lambda: self._iter_completion(call))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._prepare(to_core_messages(messages), kwargs)
+        text, raw = await asyncio.to_thread(self._run, call)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=_summary(raw)
+        )
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        call = self._prepare(to_core_messages(messages), kwargs)
+        return iterate_in_thread(lambda: self._iter_chat(call))
+
+
+def _summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The flat view put in ``additional_kwargs``: adapter bookkeeping plus token counts."""
+    return {
+        "adapters": raw["adapters"],
+        "served_by": raw["served_by"],
+        "rejected_references": raw["rejected_references"],
+        **raw["usage"],
+    }

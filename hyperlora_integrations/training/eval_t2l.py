@@ -1,0 +1,140 @@
+"""Evaluate a Text-to-LoRA checkpoint on held-out tasks (``hyperlora eval t2l``).
+
+Per held-out task, with its own metric (accuracy by option log-likelihood for multiple choice,
+token-F1 of the greedy answer for generation):
+  (a) base model, input only            (b) base model, description in the prompt
+  (c) T2L adapter, input only           (d) T2L adapter + description in the prompt
+and two controls for (c): the adapter generated from another held-out task's description
+(mismatched) and from a random string of words (random). Averages over tasks come with a
+stratified bootstrap (examples resampled within each task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bench.metrics import token_f1
+from ..hypernets import checkpoint as ckpt
+from ..model import HyperLoRAModel
+from .tasks import Task, load_tasks, split
+
+CONDITIONS = ("a_base", "b_desc", "c_adapter", "d_adapter_desc", "c_mismatched", "c_random")
+_WORDS = "river lamp quantum seven orange violin marble cloud ticket garden copper whisper engine".split()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hyperlora eval t2l", description=__doc__.split("\n")[0])
+    p.add_argument("--t2l", default=str(ckpt.SHIPPED["t2l"]))
+    p.add_argument("--base-model", default=None)
+    p.add_argument("--mc-examples", type=int, default=30)
+    p.add_argument("--gen-examples", type=int, default=15)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-input-tokens", type=int, default=256)
+    p.add_argument("--out", default="runs/eval_t2l.json")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def option_choice(model: HyperLoRAModel, prompt: str, options: list[str], **kwargs) -> str:
+    """The option with the lowest mean per-token NLL as the assistant's answer."""
+    scores = []
+    for option in options:
+        nll, n = model.score_detailed(prompt, option, **kwargs)
+        scores.append(nll / n)
+    return options[min(range(len(options)), key=scores.__getitem__)]
+
+
+def run_task(
+    model: HyperLoRAModel, task: Task, other: Task, n: int, args, rng: random.Random
+) -> dict[str, list[float]]:
+    description = task.descriptions[0]
+    random_desc = " ".join(rng.sample(_WORDS, 8)).capitalize() + "."
+    adapters = {
+        "c_adapter": model.generate_skill(description),
+        "c_mismatched": model.generate_skill(other.descriptions[0]),
+        "c_random": model.generate_skill(random_desc),
+    }
+    setups = {
+        "a_base": {},
+        "b_desc": {"context": description},
+        "c_adapter": {"adapters": [adapters["c_adapter"]]},
+        "d_adapter_desc": {"adapters": [adapters["c_adapter"]], "context": description},
+        "c_mismatched": {"adapters": [adapters["c_mismatched"]]},
+        "c_random": {"adapters": [adapters["c_random"]]},
+    }
+    scores: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    tok = model.tokenizer
+    for ex in task.examples[:n]:
+        prompt = tok.decode(tok(ex.input, add_special_tokens=False).input_ids[: args.max_input_tokens])
+        for cond, kwargs in setups.items():
+            if task.kind == "mc":
+                scores[cond].append(float(option_choice(model, prompt, ex.options, **kwargs) == ex.target))
+            else:
+                answer = model.generate(prompt, max_new_tokens=args.max_new_tokens, **kwargs)
+                scores[cond].append(token_f1(answer, [ex.target]))
+    return scores
+
+
+def stratified_bootstrap(per_task: dict[str, dict[str, list[float]]], fn, resamples: int = 2000, seed: int = 0):
+    """Mean over tasks of ``fn(task_scores)``, with examples resampled within each task."""
+    rng = random.Random(seed)
+
+    def stat(sample):
+        return sum(fn(s) for s in sample.values()) / len(sample)
+
+    point = stat(per_task)
+    values = []
+    for _ in range(resamples):
+        sample = {}
+        for name, scores in per_task.items():
+            n = len(next(iter(scores.values())))
+            idx = [rng.randrange(n) for _ in range(n)]
+            sample[name] = {c: [v[i] for i in idx] for c, v in scores.items()}
+        values.append(stat(sample))
+    values.sort()
+    return {"mean": point, "lo": values[int(0.025 * resamples)], "hi": values[int(0.975 * resamples) - 1]}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=None, t2l=args.t2l)
+    _, held = split(load_tasks(seed=args.seed))
+    per_task = {}
+    for i, task in enumerate(tqdm(held, desc="eval t2l", unit="task")):
+        n = args.mc_examples if task.kind == "mc" else args.gen_examples
+        per_task[task.name] = run_task(model, task, held[(i + 1) % len(held)], n, args, rng)
+
+    def avg(c):
+        return lambda s: sum(s[c]) / len(s[c])
+
+    summary = {
+        "tasks": {
+            name: {c: sum(v) / len(v) for c, v in s.items()} | {"n": len(s["a_base"])} for name, s in per_task.items()
+        },
+        "average": {c: stratified_bootstrap(per_task, avg(c)) for c in CONDITIONS},
+        "c_minus_b": stratified_bootstrap(per_task, lambda s: avg("c_adapter")(s) - avg("b_desc")(s)),
+        "d_minus_b": stratified_bootstrap(per_task, lambda s: avg("d_adapter_desc")(s) - avg("b_desc")(s)),
+        "matched_minus_mismatched": stratified_bootstrap(
+            per_task, lambda s: avg("c_adapter")(s) - avg("c_mismatched")(s)
+        ),
+        "matched_minus_random": stratified_bootstrap(per_task, lambda s: avg("c_adapter")(s) - avg("c_random")(s)),
+        "kinds": {t.name: t.kind for t in held},
+        "command": "hyperlora eval t2l " + " ".join(argv or []),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "scores": per_task}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "tasks"}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Train Text-to-LoRA by multi-task SFT. Read top to bottom.
+
+Each step samples tasks, one of each task's several descriptions and a few of its examples; the
+hypernetwork turns each description into an adapter, and the frozen model with that adapter is
+trained (cross-entropy with label smoothing on the target tokens only) to produce the target.
+Every sequence in a batch carries its own adapter; gradients reach only the hypernetwork.
+Description embeddings come from the frozen base model and are computed once up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..chat import encode_chat, encode_text
+from ..encoders.description import DescriptionEncoder
+from ..hypernets import TextToLoRA
+from ..hypernets import checkpoint as ckpt
+from ..lora import LoraSpec
+from ..model import HyperLoRAModel
+from .state import load_state, save_state
+from .tasks import Example, Task
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hyperlora train t2l", description=__doc__.split("\n")[0])
+    p.add_argument("--base-model", default=None)
+    p.add_argument("--out", default="runs/t2l")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--tasks-per-step", type=int, default=4)
+    p.add_argument("--examples-per-task", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="down_proj")
+    p.add_argument("--latent-dim", type=int, default=256)
+    p.add_argument("--res-blocks", type=int, default=2)
+    p.add_argument("--max-input-tokens", type=int, default=192)
+    p.add_argument("--max-target-tokens", type=int, default=48)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
+    p.add_argument("--tasks-json", default=None, help="JSON list of tasks instead of the real data")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sft_batch(model: HyperLoRAModel, examples: list[Example], args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 outside the target) for ``examples``."""
+    tok = model.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    rows, labels = [], []
+    for ex in examples:
+        user = tok.decode(encode_text(tok, ex.input)[: args.max_input_tokens])
+        prompt = encode_chat(tok, [{"role": "user", "content": user}])
+        target = encode_text(tok, ex.target)[: args.max_target_tokens] + [end]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, rows))
+    pad = tok.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    return ids, mask, lab
+
+
+def sft_loss(model, net, emb: torch.Tensor, examples: list[Example], args, smoothing: float):
+    """Loss of each example under the adapter generated from its own description embedding."""
+    A, B = net(emb)
+    ids, mask, labels = sft_batch(model, examples, args)
+    with model.injector.activate_weights(A, B):
+        hidden = model.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != -100
+    logits = model.model.lm_head(hidden[:, :-1][keep]).float()
+    ce = F.cross_entropy(logits, labels[:, 1:][keep], label_smoothing=smoothing)
+    l2 = sum(b.pow(2).mean() for b in B.values()) / len(B)
+    return ce, l2
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Base model and tasks.
+    if args.tiny:
+        from ..testing import tiny_base_model
+
+        model = HyperLoRAModel(tiny_base_model())
+    else:
+        from ..base_model import load_base_model
+
+        model = HyperLoRAModel(load_base_model(args.base_model))
+    if args.tasks_json:
+        raw = json.loads(Path(args.tasks_json).read_text())
+        train = [
+            Task(
+                t["name"],
+                t.get("kind", "gen"),
+                t["descriptions"],
+                [Example(e["input"], e["target"]) for e in t["examples"]],
+            )
+            for t in raw
+        ]
+        held = []
+    else:
+        from .tasks import load_tasks, split
+
+        train, held = split(load_tasks(seed=args.seed))
+    print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
+
+    # Description embeddings, once.
+    encoder = DescriptionEncoder(model.model, model.tokenizer)
+    emb = {}
+    for task in tqdm(train + held, desc="embedding descriptions", unit="task"):
+        emb[task.name] = encoder.encode_many(task.descriptions)
+
+    # Hypernetwork, optimizer, resume.
+    lora = LoraSpec(target_modules=tuple(args.targets.split(",")), rank=args.rank, alpha=args.rank)
+    net = TextToLoRA.for_model(
+        model, lora=lora, latent_dim=args.latent_dim, num_res_blocks=args.res_blocks, embed_dim=encoder.dim
+    )
+    net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    state_path = out / "state.safetensors"
+    start = 0
+    if state_path.exists():
+        start = load_state(state_path, net, opt)["step"]
+        net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))  # states from before the stats existed
+        rng = random.Random(args.seed + start)
+        print(f"resumed from step {start}")
+    net.train()
+    log = (out / "log.jsonl").open("a")
+    probe = [(t, t.examples[:4]) for t in held[:6]]
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train t2l", unit="step")
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        tasks = rng.sample(train, min(args.tasks_per_step, len(train)))
+        rows, examples = [], []
+        for task in tasks:
+            d = rng.randrange(len(task.descriptions))
+            for ex in rng.sample(task.examples, min(args.examples_per_task, len(task.examples))):
+                rows.append(emb[task.name][d])
+                examples.append(ex)
+        ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
+        loss = ce + args.l2 * l2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {
+            "step": step + 1,
+            "lr": lr_at(step, args),
+            "sec": round(time.time() - t0, 2),
+            "ce": float(ce),
+            "l2": float(l2),
+        }
+        bar.set_postfix(ce=f"{float(ce):.3f}")
+        if probe and (step + 1) % args.eval_every == 0:
+            # Held-out target CE with the matched description vs a mismatched one (no smoothing).
+            net.eval()
+            with torch.no_grad():
+                matched = mismatched = 0.0
+                for i, (task, exs) in enumerate(probe):
+                    other = probe[(i + 1) % len(probe)][0]
+                    matched += float(sft_loss(model, net, emb[task.name][:1].expand(len(exs), -1), exs, args, 0.0)[0])
+                    mismatched += float(
+                        sft_loss(model, net, emb[other.name][:1].expand(len(exs), -1), exs, args, 0.0)[0]
+                    )
+            net.train()
+            record.update(heldout_ce_matched=matched / len(probe), heldout_ce_mismatched=mismatched / len(probe))
+            bar.write(
+                f"step {step + 1}: held-out CE matched {record['heldout_ce_matched']:.3f} mismatched {record['heldout_ce_mismatched']:.3f}"
+            )
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(state_path, net, opt, {"step": step + 1, "args": vars(args)})
+            ckpt.save(net, out / "checkpoint")
+    return out / "checkpoint"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Doc-to-LoRA and Text-to-LoRA on the tiny model: shapes, chunking, training, checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from hyperlora_integrations.chat import context_prefix
+from hyperlora_integrations.errors import (
+    BaseModelMismatchError,
+    CheckpointError,
+    DocumentTooLargeError,
+    EmptyDocumentError,
+    UnsafeFileError,
+)
+from hyperlora_integrations.hypernets import DocToLoRA, TextToLoRA
+from hyperlora_integrations.hypernets import checkpoint as ckpt
+from hyperlora_integrations.testing import tiny_hyperlora_model as make_tiny_model
+from hyperlora_integrations.training.tasks import Example
+from hyperlora_integrations.training.train_d2l import distill_loss
+from hyperlora_integrations.training.train_t2l import sft_loss
+
+DOC = "The Varnholt Observatory was founded in 2031 by Ilse Tramweg on the island of Skelmoor. "
+
+
+@pytest.mark.parametrize("n_tokens", [1, 17, 64, 65, 300])
+def test_internalize_shapes_for_any_length(tiny_model, n_tokens):
+    ids = tiny_model.tokenizer(DOC * 40, add_special_tokens=False).input_ids[:n_tokens]
+    text = tiny_model.tokenizer.decode(ids)
+    adapter = tiny_model.internalize(text)
+    chunks = -(-tiny_model.count_tokens(text) // tiny_model.d2l.config.chunk_len)
+    L = tiny_model.injector.num_layers
+    d_in, d_out = tiny_model.injector.shapes["down_proj"]
+    assert adapter.A["down_proj"].shape == (L, 8 * chunks, d_in)
+    assert adapter.B["down_proj"].shape == (L, d_out, 8 * chunks)
+    assert adapter.metadata.num_chunks == chunks and adapter.kind == "document"
+
+
+def test_chunk_adapters_are_rank_concatenated(tiny_model):
+    chunk_len = tiny_model.d2l.config.chunk_len
+    ids = tiny_model.tokenizer(DOC * 20, add_special_tokens=False).input_ids[: 2 * chunk_len]
+    first, second = (tiny_model.tokenizer.decode(ids[:chunk_len]), tiny_model.tokenizer.decode(ids[chunk_len:]))
+    whole = tiny_model.internalize(tiny_model.tokenizer.decode(ids))
+    parts = [tiny_model.internalize(first), tiny_model.internalize(second)]
+    if tiny_model.count_tokens(first) != chunk_len:  # decode/encode round trip moved a boundary
+        pytest.skip("tokenization is not stable at this chunk boundary")
+    expected = torch.cat([p.A["down_proj"] for p in parts], dim=1)
+    assert torch.allclose(whole.A["down_proj"], expected, atol=1e-5)
+
+
+def test_untrained_hypernets_give_zero_delta():
+    model = make_tiny_model()
+    d2l = DocToLoRA.for_model(model, chunk_len=32)
+    t2l = TextToLoRA.for_model(model, embed_dim=model.model.config.hidden_size)
+    model.d2l, model.t2l = d2l, t2l
+    for adapter in (model.internalize(DOC), model.generate_skill("Summarize text.")):
+        assert adapter.folded()[1]["down_proj"].abs().max() == 0
+
+
+def test_bad_documents_are_refused(tiny_model):
+    with pytest.raises(EmptyDocumentError):
+        tiny_model.internalize("   \n\t ")
+    small = DocToLoRA(tiny_model.d2l.config.model_copy(update={"max_document_tokens": 10}))
+    small.load_state_dict(tiny_model.d2l.state_dict())
+    with pytest.raises(DocumentTooLargeError):
+        small.internalize(tiny_model, DOC * 5)
+
+
+def _args(**kw):
+    base = {"chunk_len": 64, "top_k": 8, "l1": 0.0, "max_input_tokens": 64, "max_target_tokens": 16}
+    return argparse.Namespace(**(base | kw))
+
+
+def test_short_d2l_training_lowers_the_distillation_loss():
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=1)
+    net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    prefix = context_prefix(model.tokenizer)
+    qas = [("Who founded the observatory?", "Ilse Tramweg."), ("When?", "In 2031.")]
+    kls = []
+    for _ in range(40):
+        loss, info = distill_loss(model, net, [DOC], qas, _args(), prefix)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(info["kl"])
+    assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
+
+
+def test_short_t2l_training_lowers_the_sft_loss():
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    emb = net.encoder(model).encode_many(["Answer with the capital city.", "Answer with the capital city."])
+    examples = [Example("France?", "Paris"), Example("Italy?", "Rome")]
+    losses = []
+    for _ in range(40):
+        ce, _ = sft_loss(model, net, emb, examples, _args(), 0.0)
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+        losses.append(float(ce))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["d2l", "t2l"])
+def test_checkpoint_round_trip(tiny_model, tmp_path, kind):
+    net = tiny_model.d2l if kind == "d2l" else tiny_model.t2l
+    ckpt.save(net, tmp_path / kind, dtype=torch.float32)
+    back = ckpt.load(tmp_path / kind)
+    assert back.config == net.config
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    half = ckpt.save(net, tmp_path / f"{kind}-half")
+    assert (half / "model.safetensors").stat().st_size < (tmp_path / kind / "model.safetensors").stat().st_size
+
+
+def test_checkpoint_refusals(tiny_model, tmp_path):
+    path = ckpt.save(tiny_model.d2l, tmp_path / "d2l")
+    other = make_tiny_model(seed=0)
+    # a base model with another architecture
+    from hyperlora_integrations import HyperLoRAModel
+    from hyperlora_integrations.testing import tiny_base_model
+
+    wide = HyperLoRAModel(tiny_base_model(layers=3))
+    with pytest.raises(BaseModelMismatchError):
+        HyperLoRAModel(wide.base, d2l=ckpt.load(path))
+    assert HyperLoRAModel(other.base, d2l=ckpt.load(path)).d2l is not None
+    # corrupt config, wrong shapes, pickle
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["latent_dim"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        ckpt.load(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError):
+        ckpt.load(path)
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "config.json").write_text(tiny_model.d2l.config.model_dump_json())
+    (bad / "model.safetensors").write_bytes(b"\x80\x04\x95pickle")
+    with pytest.raises(UnsafeFileError):
+        ckpt.load(bad)
+
+
+def test_skill_routing_picks_the_right_skill(tiny_model):
+    from hyperlora_integrations.skills import SkillLibrary
+
+    lib = SkillLibrary(tiny_model, threshold=-1.0)
+    descriptions = {
+        "sentiment": "Classify the sentiment of a movie review as positive or negative.",
+        "french": "Translate English sentences into French.",
+        "sql": "Write a SQL query that answers a question about a database table.",
+    }
+    for name, desc in descriptions.items():
+        lib.add(name, desc)
+    for name, desc in descriptions.items():
+        assert lib.route(desc).name == name
+    assert lib.get("sql").adapter.kind == "skill"
