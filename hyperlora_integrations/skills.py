@@ -39,7 +39,7 @@ class SkillLibrary:
         store: AdapterStore | None = None,
         *,
         namespace: str = "skills",
-        threshold: float = 0.5,
+        threshold: float = 0.15,
     ) -> None:
         self.model = model
         self.store = store if store is not None else AdapterStore()
@@ -81,8 +81,20 @@ class SkillLibrary:
             elif self.store.job(adapter_id, namespace=self.namespace) is None:
                 self._awaiting.discard(adapter_id)  # cancelled
 
+    def _embed(self, text: str) -> torch.Tensor:
+        """Routing embedding: standardised with the T2L training statistics when available.
+
+        Raw decoder embeddings of unrelated descriptions have cosine ~0.99; standardising them
+        (as the T2L hypernetwork does) is what makes similarity discriminative.
+        """
+        emb = self._encoder.encode(text)
+        t2l = self.model.t2l
+        if t2l is not None and hasattr(t2l, "standardize"):
+            emb = torch.nn.functional.normalize(t2l.standardize(emb.to(t2l.emb_mean.dtype)), dim=-1)
+        return emb
+
     def _index(self, skill: Skill) -> None:
-        emb = self._encoder.encode(skill.description)
+        emb = self._embed(skill.description)
         with self._lock:
             self._skills[skill.name] = skill
             self._emb[skill.name] = emb
@@ -177,7 +189,7 @@ class SkillLibrary:
         self._sync()
         if not self._skills:
             return []
-        query = self._encoder.encode(request)
+        query = self._embed(request)
         with self._lock:
             names = list(self._emb)
             sims = torch.stack([self._emb[n] for n in names]) @ query

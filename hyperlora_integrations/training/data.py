@@ -183,3 +183,9 @@ def d2l_eval_items(
 
 def normalise_passage(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def overlapping_passages(train: list[QADoc], items: list[EvalItem]) -> list[EvalItem]:
+    """Held-out items whose passage (whitespace/case-normalised) also appears in training."""
+    seen = {normalise_passage(d.passage) for d in train}
+    return [it for it in items if normalise_passage(it.passage) in seen]
