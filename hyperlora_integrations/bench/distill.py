@@ -146,8 +146,8 @@ def distill_document(
     samples = []
     for conv in recitation_conversations(tok, doc_ids, cfg):
         ids = encode_chat(tok, qa_messages(conv), add_generation_prompt=False)
-        targets = teacher_targets(model, prefix_cache, prefix_last_logits, ids, k)
-        samples.append((ids, *targets, position_weights(tok, conv, ids, k)))
+        teacher = teacher_targets(model, prefix_cache, prefix_last_logits, ids, k)
+        samples.append((ids, *teacher, position_weights(tok, conv, ids, k)))
     targets_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

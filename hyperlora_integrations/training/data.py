@@ -93,14 +93,20 @@ def ni_reading(task: str, root: Path | None = None) -> Iterator[QADoc]:
     yield from by_passage.values()
 
 
-def d2l_training_docs(root: Path | None = None) -> list[QADoc]:
+def d2l_training_docs(root: Path | None = None, olmo_root: Path | None = None) -> list[QADoc]:
+    """Training passages, minus any that also appears in a held-out set.
+
+    A few passages recur across packages (e.g. CoQA stories, Wikipedia paragraphs also in
+    SQuAD); they are dropped here so no evaluation passage is ever trained on.
+    """
     docs: list[QADoc] = []
     for name in SQUAD_SHIFTS_TRAIN:
         docs += squad_shifts(name, root)
     docs += coqa(root)
     for task in NI_RC_TRAIN:
         docs += ni_reading(task, root)
-    return docs
+    held_out = {normalise_passage(it.passage) for fn in EVAL_SOURCES.values() for it in fn(olmo_root)}
+    return [d for d in docs if normalise_passage(d.passage) not in held_out]
 
 
 # ---------------------------------------------------------------------- held-out evaluation

@@ -94,8 +94,19 @@ def plot_curve(log_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = [json.loads(line) for line in log_path.read_text().splitlines() if '"gap_closure"' in line]
+    # A resumed run that changed its probe set logs the same step twice: plot each probe
+    # definition as its own series rather than joining incomparable numbers.
+    segments: list[list[dict]] = [[]]
+    for p in points:
+        if segments[-1] and p["step"] <= segments[-1][-1]["step"]:
+            segments.append([])
+        segments[-1].append(p)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p["step"] for p in points], [p["gap_closure"] for p in points], marker="o")
+    for i, seg in enumerate(segments):
+        label = f"probe set {i + 1} (from step {seg[0]['step']})" if len(segments) > 1 else None
+        ax.plot([p["step"] for p in seg], [p["gap_closure"] for p in seg], marker="o", label=label)
+    if len(segments) > 1:
+        ax.legend(fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("optimizer step (4 documents each)")
     ax.set_ylabel("gap closure (NLL)")
