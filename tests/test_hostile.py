@@ -12,14 +12,13 @@ import pickle
 import random
 import resource
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from hyperlora_integrations import HyperLoRAModel
+from hyperlora_integrations import HyperLoRAModel, chat
 from hyperlora_integrations.adapters import AdapterStore, InternalizedCorpus, ReferenceResolver
 from hyperlora_integrations.chat import context_prefix, encode_text
 from hyperlora_integrations.errors import (
@@ -85,27 +84,40 @@ def test_empty_document_through_the_model(tiny_model):
         tiny_model.internalize("   ")
 
 
+@pytest.fixture()
+def no_tokenizing(monkeypatch):
+    """Fail if anything is tokenized: what "refused before any work" means, measured exactly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized a document that should have been refused first")
+
+    monkeypatch.setattr(chat, "_encode", refuse)
+
+
 @pytest.mark.parametrize("background", [False, True])
-def test_ten_megabytes_is_refused_at_once(corpus, background):
+def test_ten_megabytes_is_refused_at_once(corpus, background, no_tokenizing):
     doc = ("All work and no play makes Jack a dull boy. " * 240_000)[:10_000_000]
-    t0 = time.monotonic()
     with pytest.raises(DocumentTooLargeError):
         corpus.add_texts([doc], background=background)
-    assert time.monotonic() - t0 < 1.0  # refused before tokenizing anything
     assert len(corpus) == 0 and corpus.pending() == []
 
 
-def test_model_refuses_oversized_document_before_tokenizing(tiny_model, monkeypatch):
+def test_model_refuses_oversized_document_before_tokenizing(tiny_model, monkeypatch, no_tokenizing):
     monkeypatch.setattr(tiny_model.d2l.config, "max_document_tokens", 1000)
-    t0 = time.monotonic()
     with pytest.raises(DocumentTooLargeError):
         tiny_model.internalize("x" * 10_000_000)
-    assert time.monotonic() - t0 < 1.0
 
 
 @pytest.mark.parametrize(
     "bad",
-    [b"caf\xc3\xa9", b"\xff\xfe\xfd invalid utf-8", bytearray(b"abc"), b"\xff".decode("utf-8", "surrogateescape"), 42, None],
+    [
+        b"caf\xc3\xa9",
+        b"\xff\xfe\xfd invalid utf-8",
+        bytearray(b"abc"),
+        b"\xff".decode("utf-8", "surrogateescape"),
+        42,
+        None,
+    ],
 )
 def test_non_text_documents_and_queries(tiny_model, corpus, store, bad):
     with pytest.raises(InvalidInputError):
@@ -138,20 +150,20 @@ def test_binary_junk_is_just_text(tiny_model, corpus):
     assert hit_ids in ([doc_id], [])  # BM25 may find no word in junk; it never fails
 
 
-def test_single_enormous_line(tiny_model, corpus, store):
-    """One 60,000-character line with no space: chunked like any document (bounded by chunk
-    length), and cut hard when stuffed as context while pending."""
+def test_single_enormous_line(tiny_model, corpus, store, monkeypatch):
+    """One 20,000-character line with no space: chunked like any document (memory bounded by the
+    chunk length), and cut hard when stuffed as context while pending."""
     rng = random.Random(1)
-    line = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(60_000))
-    t0 = time.monotonic()
+    line = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20_000))
+    monkeypatch.setattr(corpus.worker, "start", lambda: corpus.worker)  # keep it pending until drained
     (doc_id,) = corpus.add_texts([line + " zebra"], background=True)
     ref = corpus.search("zebra")[0].reference
     res = ReferenceResolver(store, namespaces=["docs"], fallback_chars=4000).resolve_text(f"{ref} zebra?")
     assert res.served_by == {doc_id: "context"} and len(res.messages[0]["content"]) < 4200
-    corpus.drain(timeout=300)
+    assert corpus.drain(timeout=600) == 1
     adapter = store.get(doc_id, namespace="docs")
-    assert adapter.metadata.num_chunks == -(-adapter.metadata.num_tokens // tiny_model.d2l.config.chunk_len)
-    assert time.monotonic() - t0 < 240
+    chunk_len = tiny_model.d2l.config.chunk_len
+    assert adapter.metadata.num_chunks == -(-adapter.metadata.num_tokens // chunk_len) > 10
 
 
 def test_special_tokens_in_documents_never_reach_the_model_as_control_tokens(tiny_model, monkeypatch):
@@ -187,7 +199,9 @@ def test_special_tokens_in_prompts_do_not_inject_roles(tiny_model, store, where,
         hostile = tiny_model.encode(res.messages)
         clean = tiny_model.encode(benign)
     assert count_special(tiny_model, hostile) == count_special(tiny_model, clean)
-    assert encode_text(tiny_model.tokenizer, "<|im_start|>") != [tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    assert encode_text(tiny_model.tokenizer, "<|im_start|>") != [
+        tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ]
 
 
 def test_special_tokens_stay_inert_under_concurrent_encoding(tiny_model):
@@ -217,16 +231,15 @@ def test_special_tokens_stay_inert_under_concurrent_encoding(tiny_model):
 class _Boom:
     """Unpickling this would create a marker file: proof that no pickle is ever executed."""
 
-    marker: Path | None = None
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
 
     def __reduce__(self):
-        return (Path.touch, (self.marker,))
+        return (open, (self.marker, "w"))
 
 
 def _pickles(marker: Path) -> dict[str, bytes]:
-    boom = _Boom()
-    boom.marker = marker
-    out = {f"pickle-p{p}": pickle.dumps(boom, protocol=p) for p in (0, 1, 2, 3, 4, 5)}
+    out = {f"pickle-p{p}": pickle.dumps(_Boom(marker), protocol=p) for p in (0, 1, 2, 3, 4, 5)}
     import io
 
     buf = io.BytesIO()
@@ -259,9 +272,28 @@ def test_pickles_are_refused_everywhere_and_never_run(tiny_model, tmp_path):
         Adapter.from_bytes(pickle.dumps({"a": 1}, protocol=4))
     only_bin = tmp_path / "peft-bin"
     only_bin.mkdir()
-    (only_bin / "adapter_model.bin").write_bytes(pickle.dumps(_Boom(), protocol=2))
+    (only_bin / "adapter_model.bin").write_bytes(pickle.dumps(_Boom(marker), protocol=2))
     with pytest.raises(UnsafeFileError):
         tiny_model.load_adapter(only_bin)
+
+
+@pytest.mark.parametrize("header_len", [640, 896, 1152, 1408])
+def test_valid_files_whose_length_bytes_look_like_pickle_magic_still_load(tiny_model, store, header_len):
+    """Regression (found by the property test): a header of these lengths starts the file with
+    b"\x80\x02".."\x05", the pickle magic; such valid adapters used to be refused."""
+    adapter = fitting_adapter(tiny_model, id="magic")
+    for extra in range(2000):
+        adapter.metadata.source = "s" * extra
+        data = adapter.to_bytes()
+        if int.from_bytes(data[:8], "little") == header_len:
+            break
+    else:
+        pytest.fail(f"could not make a {header_len}-byte header")
+    assert data[:1] == b"\x80"
+    assert torch.equal(Adapter.from_bytes(data).A["down_proj"], adapter.A["down_proj"])
+    store.put(adapter)
+    store._cache.clear()
+    assert store.get("magic").metadata.source == adapter.metadata.source and store.verify() == []
 
 
 def test_every_truncation_of_an_adapter_file_is_refused(tiny_model, tmp_path):
@@ -295,10 +327,8 @@ def _forged(header: dict, body: bytes = b"\x00" * 16, *, claimed_len: int | None
 )
 def test_forged_headers_are_refused_before_allocation(data):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.monotonic()
     with pytest.raises(CheckpointError):
         Adapter.from_bytes(data)
-    assert time.monotonic() - t0 < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: nothing big allocated
 
 
@@ -362,15 +392,14 @@ def test_other_base_models_are_refused(tiny_model, tmp_path):
     (peft_dir / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(BaseModelMismatchError):
         tiny_model.load_adapter(peft_dir)
-    # a hypernetwork checkpoint trained for another base model
+    # a hypernetwork checkpoint trained for another base model (what HyperLoRAModel(d2l=...) checks)
+    from hyperlora_integrations.hypernets import DocToLoRA
     from hyperlora_integrations.testing import tiny_base_model
 
-    wider = HyperLoRAModel(tiny_base_model(0, hidden=32))
-    from hyperlora_integrations.hypernets import DocToLoRA
-
-    net_dir = checkpoint.save(DocToLoRA.for_model(wider, latent_dim=16, num_latents=2, num_blocks=1), tmp_path / "net")
+    narrower = HyperLoRAModel(tiny_base_model(0, hidden=32))
+    net = DocToLoRA.for_model(narrower, latent_dim=16, num_latents=2, num_blocks=1)
     with pytest.raises(BaseModelMismatchError):
-        HyperLoRAModel(tiny_model.base, d2l=checkpoint.load(net_dir))
+        checkpoint.load(checkpoint.save(net, tmp_path / "net")).check_base(tiny_model)
 
 
 # ---------------------------------------------------------------------- API misuse
@@ -424,7 +453,15 @@ def test_stop_given_as_one_string_is_one_stop_sequence(tiny_model):
 
 @pytest.mark.parametrize(
     "prompt",
-    [123, [], ["hi"], [{"role": "hacker", "content": "x"}], [{"role": "user", "content": None}], [{"content": "x"}], b"hi"],
+    [
+        123,
+        [],
+        ["hi"],
+        [{"role": "hacker", "content": "x"}],
+        [{"role": "user", "content": None}],
+        [{"content": "x"}],
+        b"hi",
+    ],
 )
 def test_malformed_prompts(tiny_model, prompt):
     with pytest.raises(InvalidInputError):

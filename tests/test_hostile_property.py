@@ -152,8 +152,8 @@ def test_random_inputs_only_typed_errors_and_store_stays_consistent(tiny_model):
     run_state_machine_as_test(
         CoreAPI,
         settings=settings(
-            max_examples=25,
-            stateful_step_count=8,
+            max_examples=60,
+            stateful_step_count=10,
             deadline=None,
             database=None,
             derandomize=True,  # the same inputs every run: a failure here is reproducible

@@ -197,7 +197,9 @@ def test_many_workers_process_each_job_exactly_once(tiny_model, tmp_path, monkey
     stores = [AdapterStore(tmp_path / "s") for _ in range(3)]
     docs = [f"Shared queue document {i} about topic {i * 13}." for i in range(24)]
     InternalizedCorpus(tiny_model, stores[0], namespace="docs").add_texts(docs, background=True)  # + its thread
-    threads = [threading.Thread(target=drain, args=(s,), kwargs={"model": tiny_model, "progress": False}) for s in stores[1:]]
+    threads = [
+        threading.Thread(target=drain, args=(s,), kwargs={"model": tiny_model, "progress": False}) for s in stores[1:]
+    ]
     for t in threads:
         t.start()
     drain(stores[0], model=tiny_model, progress=False, timeout=60)
@@ -247,3 +249,24 @@ def test_skill_queued_in_background(tiny_model, store, monkeypatch):
         assert lib.get("french").description == "Answer in casual French." and len(store.list(namespace="skills")) == 1
     finally:
         g.open()
+
+
+def test_refresh_sees_documents_added_elsewhere_and_readding_retries_a_failure(tiny_model, store, monkeypatch):
+    here = InternalizedCorpus(tiny_model, store, namespace="docs")
+    there = InternalizedCorpus(tiny_model, AdapterStore(store.path), namespace="docs")  # another process
+    (stored,) = there.add_texts([PEAK])
+    monkeypatch.setattr(there.worker, "start", lambda: there.worker)
+    (queued,) = there.add_texts([SHIP], background=True)
+    assert here.search("Vellic Mirelle") == []
+    here.refresh()
+    assert {h.adapter_id for h in here.search("Vellic Mirelle", k=5)} == {stored, queued}
+    there.store.remove(stored, namespace="docs")  # deleted elsewhere: search drops it, never raises
+    assert [h.adapter_id for h in here.search("Vellic Mirelle", k=5)] == [queued]
+    monkeypatch.setattr(tiny_model.d2l.config, "max_document_tokens", 4)
+    there.drain(timeout=30)
+    assert list(there.failed()) == [queued]
+    monkeypatch.setattr(tiny_model.d2l.config, "max_document_tokens", 1_000_000)
+    assert there.add_texts([SHIP], background=True) == [queued] and there.pending() == [queued]
+    there.drain(timeout=30)
+    assert there.failed() == {} and store.contains(queued, namespace="docs")
+    there.store.close()

@@ -69,7 +69,9 @@ def random_adapter(model, seed: int, rank: int = 4, scale: float = 0.4) -> Adapt
 @pytest.fixture(scope="module")
 def requests(tiny_model):
     """N (prompt, adapters) pairs: none, one random, one internalized, two combined."""
-    docs = [f"Fact {i}: the lighthouse of Port {i * 37} was painted {['red', 'blue', 'green'][i % 3]}." for i in range(8)]
+    docs = [
+        f"Fact {i}: the lighthouse of Port {i * 37} was painted {['red', 'blue', 'green'][i % 3]}." for i in range(8)
+    ]
     internalized = [tiny_model.internalize(d) for d in docs]
     out = []
     for i in range(N):
@@ -152,7 +154,9 @@ def test_interleaved_streams_in_one_thread_do_not_leak(tiny_model, requests, seq
     assert texts == alone
 
 
-def test_background_worker_and_skill_encoder_run_beside_requests(tiny_model, requests, sequential, record_ids, tmp_path):
+def test_background_worker_and_skill_encoder_run_beside_requests(
+    tiny_model, requests, sequential, record_ids, tmp_path
+):
     """The worker's hypernetwork passes and the skill router's encoder share the model with
     requests: neither may change a request's tokens, and no request's adapter may reach them."""
     docs = [f"Background document {i} describes the canal of Veyra number {i}." for i in range(12)]

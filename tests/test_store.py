@@ -32,16 +32,12 @@ def synthetic(seed: int, *, adapter_id: str | None = None, rank: int = 4, layers
     return Adapter(
         {"down_proj": torch.randn(layers, rank, 128, generator=g)},
         {"down_proj": torch.randn(layers, 64, rank, generator=g)},
-        metadata=AdapterMetadata(
-            id=adapter_id or f"a{seed}", kind="document", content_hash=f"hash{seed}", seed=seed
-        ),
+        metadata=AdapterMetadata(id=adapter_id or f"a{seed}", kind="document", content_hash=f"hash{seed}", seed=seed),
     )
 
 
 def same(a: Adapter, b: Adapter) -> bool:
-    return a.A.keys() == b.A.keys() and all(
-        torch.equal(a.A[k], b.A[k]) and torch.equal(a.B[k], b.B[k]) for k in a.A
-    )
+    return a.A.keys() == b.A.keys() and all(torch.equal(a.A[k], b.A[k]) and torch.equal(a.B[k], b.B[k]) for k in a.A)
 
 
 @pytest.fixture()

@@ -186,7 +186,9 @@ def check_consistent(store: AdapterStore) -> int:
     for meta in rows:
         got = store.get(meta.id)
         want = synthetic(meta.seed, meta.id)
-        assert torch.equal(got.A["down_proj"], want.A["down_proj"]) and torch.equal(got.B["down_proj"], want.B["down_proj"])
+        assert torch.equal(got.A["down_proj"], want.A["down_proj"]) and torch.equal(
+            got.B["down_proj"], want.B["down_proj"]
+        )
     files = list((store.path / "blobs" / "default").glob("*")) if (store.path / "blobs" / "default").exists() else []
     assert len(files) == len(rows), "orphan or temp files survived recovery"
     return len(rows)
@@ -330,6 +332,8 @@ def test_queue_survives_sigkill_nothing_lost_nothing_done_twice(server, tmp_path
         assert rows[i] == blob
     assert out["processed"] == len(ids) - len(first_seen)  # the restart did only what was left
     assert store.verify() == []
-    print(f"\nqueue: {kills} SIGKILLs of a worker, {mid_job} of them mid-job; {len(ids)} documents, each committed once")
+    print(
+        f"\nqueue: {kills} SIGKILLs of a worker, {mid_job} of them mid-job; {len(ids)} documents, each committed once"
+    )
     assert mid_job >= 1, "no kill interrupted a running job; the test did not exercise reclaiming"
     store.close()

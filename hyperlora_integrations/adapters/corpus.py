@@ -67,14 +67,25 @@ class InternalizedCorpus:
         self.signer = store_signer(self.store, ttl=ttl)
         self.index = BM25Index()
         self._meta: dict[str, dict[str, Any]] = {}
-        for meta in self.store.list(namespace=self.namespace, kind="document"):
-            text = self.store.text(meta.id, namespace=self.namespace) or ""
-            self.index.add(meta.id, text)
-            self._meta[meta.id] = dict(meta.model_extra or {}).get("user_metadata", {})
-        # Documents still queued (or parked as failed) are searchable too: they answer by context.
-        for job in self.store.jobs(namespace=self.namespace, states=("queued", "running", "failed"), kind="document"):
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index the documents of this namespace that other corpora or processes have added.
+
+        Queued (and failed) documents are searchable too: they answer by context. The queue is
+        read before the stored adapters, so a job finishing in between is seen in one of them.
+        """
+        jobs = self.store.jobs(namespace=self.namespace, states=("queued", "running", "failed"), kind="document")
+        for job in jobs:
             self.index.add(job.id, job.payload)
             self._meta[job.id] = dict(job.options.get("user_metadata") or {})
+        for meta in self.store.list(namespace=self.namespace, kind="document"):
+            try:
+                text = self.store.text(meta.id, namespace=self.namespace) or ""
+            except AdapterNotFoundError:  # deleted meanwhile
+                continue
+            self.index.add(meta.id, text)
+            self._meta[meta.id] = dict(meta.model_extra or {}).get("user_metadata", {})
 
     @property
     def worker(self):

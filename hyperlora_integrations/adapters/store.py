@@ -498,6 +498,7 @@ class AdapterStore:
     def get(self, adapter_id: str, *, namespace: str = "default") -> Adapter:
         """The adapter, from the cache or (transparently) from disk. Treat it as read-only."""
         check_name(namespace, "namespace")
+        check_name(adapter_id, "adapter id")
         key = (namespace, adapter_id)
         for _ in range(_READ_RETRIES):
             with self._db() as db:
@@ -629,6 +630,8 @@ class AdapterStore:
     ) -> bool:
         """Queue work that will produce adapter ``adapter_id``; False if it exists or is queued.
 
+        A job parked as failed is queued again (adding the same document again retries it).
+
         ``kind`` is "document" (``payload`` is the text to internalize) or "skill" (``payload`` is
         the description). Documents are taken oldest first; skills only when no document waits.
         """
@@ -644,6 +647,12 @@ class AdapterStore:
         with self.write_lock(), self._transaction() as db:
             if db.execute("SELECT 1 FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id)).fetchone():
                 return False
+            retried = db.execute(  # adding a document again is how a user retries a failed one
+                "UPDATE jobs SET state = 'queued', error = NULL WHERE namespace = ? AND id = ? AND state = 'failed'",
+                (namespace, adapter_id),
+            ).rowcount
+            if retried:
+                return True
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (namespace, id, kind, priority, payload, content_hash, options, "
                 "fingerprint, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",

@@ -229,7 +229,12 @@ def read_safetensors_header(data: bytes) -> dict:
     Rejects pickles (by magic bytes), truncated files, headers larger than the file and offsets
     that point past its end: a forged header must not make us allocate gigabytes.
     """
-    if data[:2] in _PICKLE_MAGIC[:4] or data[:4] == _PICKLE_MAGIC[4]:
+    # A safetensors file is an 8-byte length and then a JSON object. Check that shape before the
+    # pickle magic: a valid header of 640, 896, 1152 or 1408 bytes starts with b"\x80\x02".."\x05"
+    # too, and was refused as a pickle. (Nothing is ever unpickled either way.)
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    looks_safetensors = len(data) > 8 and 0 < n <= len(data) - 8 and data[8:9] == b"{"
+    if not looks_safetensors and (data[:2] in _PICKLE_MAGIC[:4] or data[:4] == _PICKLE_MAGIC[4]):
         from ..errors import UnsafeFileError
 
         raise UnsafeFileError("refusing a pickle/zip file: only safetensors is accepted")
