@@ -10,7 +10,9 @@ import sys
 
 
 def _demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="hyperlora demo", description="Answer questions about a built-in document three ways.")
+    p = argparse.ArgumentParser(
+        prog="hyperlora demo", description="Answer questions about a built-in document three ways."
+    )
     p.add_argument("--base-model", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
@@ -51,7 +53,9 @@ def _bench(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="hyperlora export", description="Internalize a text file and save the adapter in PEFT format.")
+    p = argparse.ArgumentParser(
+        prog="hyperlora export", description="Internalize a text file and save the adapter in PEFT format."
+    )
     p.add_argument("document", help="path of a UTF-8 text file")
     p.add_argument("out", help="output directory (PEFT adapter)")
     p.add_argument("--base-model", default=None)
@@ -69,7 +73,27 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "train": _train, "eval": _eval, "bench": _bench, "export": _export}
+def _drain(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="hyperlora drain", description="Finish a store's queued background internalizations now, with progress."
+    )
+    p.add_argument("store", help="AdapterStore directory")
+    p.add_argument("--base-model", default=None)
+    p.add_argument("--d2l", default="default")
+    p.add_argument("--t2l", default="default")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before giving up (default: none)")
+    args = p.parse_args(argv)
+    from .adapters import AdapterStore
+    from .adapters.worker import drain
+    from .model import HyperLoRAModel
+
+    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=args.d2l, t2l=args.t2l)
+    done = drain(AdapterStore(args.store), model=model, progress=True, timeout=args.timeout)
+    print(f"finished {done} queued jobs")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "train": _train, "eval": _eval, "bench": _bench, "export": _export, "drain": _drain}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  eval    evaluate a hypernetwork on held-out data: `eval d2l` or `eval t2l`")
         print("  bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)")
         print("  export  internalize a text file and save the adapter in PEFT format")
+        print("  drain   finish a store's queued background internalizations, with a progress bar")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

