@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..hypernets import DocToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
+from .common import lr_at, training_model
 from .data import QADoc
 from .state import load_state, save_state
 
@@ -69,13 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
     p.add_argument("--docs-json", default=None, help="JSON list of {passage, qas} instead of the real data")
     return p.parse_args(argv)
-
-
-def lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def qa_messages(qas: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -185,14 +178,7 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # Base model and data.
-    if args.tiny:
-        from ..testing import tiny_base_model
-
-        model = HyperLoRAModel(tiny_base_model())
-    else:
-        from ..base_model import load_base_model
-
-        model = HyperLoRAModel(load_base_model(args.base_model))
+    model = training_model(args.tiny, args.base_model)
     if args.docs_json:
         docs = [
             QADoc(d["passage"], [tuple(x) for x in d["qas"]], "json")
