@@ -31,3 +31,13 @@ def tiny_model():
 @pytest.fixture()
 def fresh_tiny_model():
     return make_tiny_model()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """A fresh on-disk AdapterStore, closed after the test."""
+    from hyperlora_integrations.adapters import AdapterStore
+
+    s = AdapterStore(tmp_path / "store")
+    yield s
+    s.close()

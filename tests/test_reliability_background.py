@@ -45,13 +45,6 @@ class Gate:
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = AdapterStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
-@pytest.fixture()
 def gate(monkeypatch, tiny_model, store):
     g = Gate(monkeypatch, tiny_model)
     yield g

@@ -40,13 +40,6 @@ def same(a: Adapter, b: Adapter) -> bool:
     return a.A.keys() == b.A.keys() and all(torch.equal(a.A[k], b.A[k]) and torch.equal(a.B[k], b.B[k]) for k in a.A)
 
 
-@pytest.fixture()
-def store(tmp_path):
-    s = AdapterStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
 def test_roundtrip_and_index_queries(store):
     a = synthetic(1)
     assert store.put(a, namespace="n", text="source text") == "a1"
