@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from hyperlora_integrations.bench import metrics
+from hyperlora_integrations import metrics
 from hyperlora_integrations.bench.conditions import CONDITIONS, ChunkIndex, Engine
 from hyperlora_integrations.bench.distill import (
     L1,

@@ -22,10 +22,10 @@ from statistics import median
 import torch
 from tqdm.auto import tqdm
 
+from ..metrics import bootstrap, exact_match, gap_closure, mean, ratio_of_means, token_f1
 from .conditions import CONDITIONS, RUN_ORDER, DocumentState, Engine, Settings
 from .documents import LengthPlan, build_documents, load_pool
 from .memory import PeakRSS, current_rss
-from .metrics import bootstrap, exact_match, gap_closure, mean, ratio_of_means, token_f1
 
 SKILL_DESCRIPTION = "Answer each question with a short phrase copied from the document."
 BAR_LENGTH = 8192

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench.metrics import bootstrap, exact_match, mean, token_f1
 from ..hypernets import checkpoint as ckpt
+from ..metrics import bootstrap, exact_match, mean, token_f1
 from ..model import HyperLoRAModel
 from .data import d2l_eval_items
 

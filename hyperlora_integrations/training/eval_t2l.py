@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench.metrics import token_f1
 from ..hypernets import checkpoint as ckpt
+from ..metrics import token_f1
 from ..model import HyperLoRAModel
 from .tasks import Task, load_tasks, split
 
