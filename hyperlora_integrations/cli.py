@@ -35,13 +35,15 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("d2l", "t2l"):
-        print("usage: hyperlora eval {d2l,t2l} [options]", file=sys.stderr)
+    if not argv or argv[0] not in ("d2l", "t2l", "long"):
+        print("usage: hyperlora eval {d2l,t2l,long} [options]", file=sys.stderr)
         return 2
     if argv[0] == "d2l":
         from .training.eval_d2l import main
-    else:
+    elif argv[0] == "t2l":
         from .training.eval_t2l import main
+    else:
+        from .bench.long_document import main
     main(argv[1:])
     return 0
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: hyperlora {" + ",".join(COMMANDS) + "} [options]\n")
         print("  demo    answer questions about a built-in document: no doc / doc in prompt / adapter")
         print("  train   train a hypernetwork: `train d2l` (Doc-to-LoRA) or `train t2l` (Text-to-LoRA)")
-        print("  eval    evaluate a hypernetwork on held-out data: `eval d2l` or `eval t2l`")
+        print("  eval    evaluate on held-out data: `eval d2l`, `eval t2l`, `eval long` (32k-token document)")
         print("  bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)")
         print("  export  internalize a text file and save the adapter in PEFT format")
         print("  drain   finish a store's queued background internalizations, with a progress bar")

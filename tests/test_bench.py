@@ -321,3 +321,22 @@ def test_d2l_max_rank_compresses_the_benchmarked_adapter(fresh_tiny_model):
     assert full.adapter().rank > 4 and small.adapter().rank == 4
     prep = CONDITIONS["d2l"].prepare(small)
     assert prep.bytes_kept == small.adapter().nbytes < full.adapter().nbytes and prep.seconds > 0
+
+
+def test_long_document_check_puts_the_needle_in_the_last_chunk(tiny_model, tmp_path, monkeypatch):
+    from hyperlora_integrations.bench import long_document
+    from hyperlora_integrations.training.data import EvalItem
+
+    pool = [
+        EvalItem(f"Passage {i}: the harbour of town {i} holds {i * 3} boats and one lighthouse.", f"Q{i}?", [str(i)], "s")
+        for i in range(60)
+    ]
+    monkeypatch.setattr(long_document, "load_pool", lambda seed: pool)
+    out = tmp_path / "long.json"
+    summary = long_document.main(["--tokens", "1024", "--docs", "2", "--max-new-tokens", "2", "--out", str(out)], tiny_model)
+    chunk_len = tiny_model.d2l.config.chunk_len
+    assert summary["n"] == 2 and summary["needle_in_last_chunk"] is True
+    assert summary["chunks"] == 1024 // chunk_len
+    assert summary["peak_rss_gib"] >= summary["rss_after_load_gib"] > 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["nll_none"] for r in rows} != {r["nll_adapter"] for r in rows}

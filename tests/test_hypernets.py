@@ -164,3 +164,69 @@ def test_skill_routing_picks_the_right_skill(tiny_model):
     for name, desc in descriptions.items():
         assert lib.route(desc).name == name
     assert lib.get("sql").adapter.kind == "skill"
+
+
+def test_long_documents_scale_chunk_adapters_beyond_the_trained_count(tiny_model):
+    """More chunks than training combined: each chunk is scaled by trained / n."""
+    net = tiny_model.d2l
+    n_chunks = 4 * net.config.trained_chunks
+    text = " ".join(f"Sentence {i} says the value of item {i} is {i * 7}." for i in range(400))
+    adapter = tiny_model.internalize(text)
+    n = adapter.metadata.num_chunks
+    assert n >= n_chunks
+    rank = net.config.lora.rank
+    # the first chunk alone, as a one-chunk document would give it (no scaling)
+    from hyperlora_integrations.chat import encode_text
+
+    first = tiny_model.tokenizer.decode(encode_text(tiny_model.tokenizer, text)[: net.config.chunk_len])
+    single = tiny_model.internalize(first)
+    assert single.metadata.num_chunks == 1
+    _, b_long = adapter.folded()
+    _, b_one = single.folded()
+    expected = net.config.trained_chunks / n
+    got = b_long["down_proj"][..., :rank]
+    assert torch.allclose(got, b_one["down_proj"] * expected, atol=1e-5, rtol=1e-4)
+    # up to the trained count, chunks are concatenated unscaled
+    short = " ".join(text.split()[: 60 * net.config.trained_chunks])
+    few = tiny_model.internalize(short)
+    if few.metadata.num_chunks <= net.config.trained_chunks:
+        assert few.scaling == 1.0 and few.folded()[1]["down_proj"][..., :rank].abs().sum() > 0
+
+
+def test_training_cli_stops_on_time_and_resumes(tmp_path):
+    """--max-minutes saves a resumable state; the same command continues from that step."""
+    from hyperlora_integrations.training import train_d2l
+
+    docs = tmp_path / "docs.json"
+    docs.write_text(json.dumps([{"passage": DOC, "qas": [["Who founded it?", "Ilse Tramweg."]]}] * 3))
+    out = tmp_path / "run"
+    common = ["--tiny", "--docs-json", str(docs), "--out", str(out), "--accum", "1", "--chunk-len", "64"]
+    common += ["--latent-dim", "32", "--num-latents", "4", "--num-blocks", "1", "--steps", "50", "--device", "cpu"]
+    train_d2l.main([*common, "--max-minutes", "1e-9"])
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1]
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    train_d2l.main([*common, "--steps", "3"])
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+
+
+def test_d2l_evaluation_reports_the_mismatched_document_control(tiny_model):
+    from hyperlora_integrations.training.data import EvalItem
+    from hyperlora_integrations.training.eval_d2l import evaluate
+
+    items = [
+        EvalItem(DOC, "Who founded the observatory?", ["Ilse Tramweg"], "a"),
+        EvalItem("The river Olm floods every spring near the town of Brask.", "Which river floods?", ["Olm"], "a"),
+        EvalItem("Copper conducts heat better than steel.", "Which metal conducts heat better?", ["Copper"], "b"),
+        EvalItem("The Pell tower is 212 metres tall.", "How tall is the Pell tower?", ["212 metres"], "b"),
+    ]
+    result = evaluate(tiny_model, items, generate=True, max_new_tokens=2)
+    rows, summary = result["rows"], result["summary"]
+    for row in rows:
+        # the control is another passage's adapter, so it scores differently from the matched one
+        assert row["nll_mismatched"] != row["nll_adapter"]
+        assert {"f1_none", "f1_context", "f1_adapter"} <= set(row) and "f1_mismatched" not in row
+    assert set(summary["nll"]) == {"none", "context", "adapter", "mismatched"}
+    spec, match, mis = summary["gap_closure_specific"], summary["gap_closure"], summary["gap_closure_mismatched"]
+    assert spec["mean"] == pytest.approx(match["mean"] - mis["mean"], abs=1e-9)

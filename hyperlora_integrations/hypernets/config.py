@@ -35,6 +35,9 @@ class D2LConfig(HypernetConfig):
     num_latents: int = Field(16, ge=1)
     num_blocks: int = Field(2, ge=1)
     chunk_len: int = Field(512, ge=16)  # longest chunk seen in training; longer documents are split
+    # Most chunks rank-concatenated in training. Beyond it, chunk deltas are scaled by
+    # trained_chunks / n so their sum keeps the magnitude training produced (DocToLoRA.internalize).
+    trained_chunks: int = Field(4, ge=1)
     max_document_tokens: int = Field(1_000_000, ge=1)
 
 

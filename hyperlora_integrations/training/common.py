@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from ..model import HyperLoRAModel
 
@@ -15,12 +16,19 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def training_model(tiny: bool, base_model: str | None) -> HyperLoRAModel:
+def training_model(tiny: bool, base_model: str | None, device: str = "cpu") -> HyperLoRAModel:
     """The frozen model a hypernetwork trains through (``tiny``: the test model)."""
     if tiny:
         from ..testing import tiny_base_model
 
-        return HyperLoRAModel(tiny_base_model())
+        base = tiny_base_model()
+        base.model.to(device)
+        return HyperLoRAModel(base)
     from ..base_model import load_base_model
 
-    return HyperLoRAModel(load_base_model(base_model))
+    return HyperLoRAModel(load_base_model(base_model, device=device))
+
+
+def out_of_time(started: float, max_minutes: float) -> bool:
+    """True once a run has used its wall-clock allowance (0: none), so it can save and stop cleanly."""
+    return max_minutes > 0 and time.time() - started > 60 * max_minutes

@@ -27,6 +27,7 @@ from .data import d2l_eval_items
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hyperlora eval d2l", description=__doc__.split("\n")[0])
     p.add_argument("--d2l", default=str(ckpt.SHIPPED["d2l"]), help="checkpoint directory")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--base-model", default=None)
     p.add_argument("--per-source", type=int, default=60, help="questions per held-out source (4 sources)")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -43,17 +44,34 @@ def _gap(a, b, c):
 
 
 def evaluate(model: HyperLoRAModel, items, *, generate: bool = True, max_new_tokens: int = 24) -> dict:
-    rows = []
-    for it in tqdm(items, desc="eval d2l", unit="q"):
-        gold = it.answers[0]
+    """Score every item with no document, the document in the prompt and its adapter.
+
+    Control: the adapter of *another* passage from the same source (``nll_mismatched``). What it
+    closes of the gap is what any adapter does (answer style, format); only the difference to
+    the matched adapter is knowledge of this document.
+    """
+    adapters, seconds = [], []
+    for it in tqdm(items, desc="internalizing", unit="doc"):
         t0 = time.perf_counter()
-        adapter = model.internalize(it.passage)
-        t_int = time.perf_counter() - t0
-        row = {"source": it.source, "internalize_s": t_int}
-        for key, kwargs in (("none", {}), ("context", {"context": it.passage}), ("adapter", {"adapters": [adapter]})):
+        adapters.append(model.internalize(it.passage))
+        seconds.append(time.perf_counter() - t0)
+    rows = []
+    for i, it in enumerate(tqdm(items, desc="eval d2l", unit="q")):
+        gold = it.answers[0]
+        # the next item of the same source (cyclically) whose passage differs
+        order = list(range(i + 1, len(items))) + list(range(i))
+        other = next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
+        row = {"source": it.source, "internalize_s": seconds[i]}
+        conditions = (
+            ("none", {}),
+            ("context", {"context": it.passage}),
+            ("adapter", {"adapters": [adapters[i]]}),
+            ("mismatched", {"adapters": [adapters[other]]}),
+        )
+        for key, kwargs in conditions:
             nll, n = model.score_detailed(it.question, gold, **kwargs)
             row[f"nll_{key}"] = nll / n
-            if generate:
+            if generate and key != "mismatched":
                 answer = model.generate(it.question, max_new_tokens=max_new_tokens, **kwargs).split("\n")[0]
                 row[f"answer_{key}"] = answer
                 row[f"f1_{key}"] = token_f1(answer, it.answers)
@@ -66,8 +84,14 @@ def summarize(rows: list[dict], generate: bool) -> dict:
     cols = {k: [r[k] for r in rows] for k in rows[0] if isinstance(rows[0][k], float)}
     out = {
         "n": len(rows),
-        "nll": {k: mean(cols[f"nll_{k}"]) for k in ("none", "context", "adapter")},
+        "nll": {k: mean(cols[f"nll_{k}"]) for k in ("none", "context", "adapter", "mismatched")},
         "gap_closure": bootstrap([cols["nll_none"], cols["nll_context"], cols["nll_adapter"]], _gap),
+        "gap_closure_mismatched": bootstrap([cols["nll_none"], cols["nll_context"], cols["nll_mismatched"]], _gap),
+        # Document-specific part: matched minus mismatched, in units of the same gap.
+        "gap_closure_specific": bootstrap(
+            [cols["nll_none"], cols["nll_context"], cols["nll_adapter"], cols["nll_mismatched"]],
+            lambda a, b, c, m: (mean(m) - mean(c)) / (mean(a) - mean(b)),
+        ),
         "by_source": {},
     }
     if generate:
@@ -119,7 +143,7 @@ def plot_curve(log_path: Path, png: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=args.d2l, t2l=None)
+    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=args.d2l, t2l=None, device=args.device)
     items = d2l_eval_items(per_source=args.per_source, seed=args.seed)
     result = evaluate(model, items, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
     result["meta"] = {

@@ -31,6 +31,7 @@ _WORDS = "river lamp quantum seven orange violin marble cloud ticket garden copp
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hyperlora eval t2l", description=__doc__.split("\n")[0])
     p.add_argument("--t2l", default=str(ckpt.SHIPPED["t2l"]))
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--base-model", default=None)
     p.add_argument("--mc-examples", type=int, default=30)
     p.add_argument("--gen-examples", type=int, default=15)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=None, t2l=args.t2l)
+    model = HyperLoRAModel.from_pretrained(args.base_model, d2l=None, t2l=args.t2l, device=args.device)
     _, held = split(load_tasks(seed=args.seed))
     per_task = {}
     for i, task in enumerate(tqdm(held, desc="eval t2l", unit="task")):

@@ -44,7 +44,7 @@ def load_state(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer) -> 
         if f"opt.{name}.exp_avg" in tensors:
             opt.state[p] = {
                 "step": tensors[f"opt.{name}.step"].reshape(()).clone(),
-                "exp_avg": tensors[f"opt.{name}.exp_avg"],
-                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"],
+                "exp_avg": tensors[f"opt.{name}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(p.device),
             }
     return info

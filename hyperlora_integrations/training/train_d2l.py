@@ -6,7 +6,7 @@ teacher's log-probs on the QA tokens and the document activations the hypernetwo
 student is trained to match the teacher's top-k next-token distribution on all QA tokens.
 
 Curriculum: single-passage documents first; after ``--multi-from`` steps, a share of samples are
-2-4 passages, each encoded as its own chunk and rank-concatenated, with questions about any of
+2 to ``--max-chunks`` passages, each encoded as its own chunk and rank-concatenated, with questions about any of
 them, so concatenation is trained rather than hoped for.
 
 Runs on a 2-core CPU: one document per micro-step, gradient accumulation, a checkpoint every
@@ -31,7 +31,7 @@ from ..hypernets import DocToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import lr_at, training_model
+from .common import lr_at, out_of_time, training_model
 from .data import QADoc
 from .state import load_state, save_state
 
@@ -61,9 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
+    p.add_argument("--max-chunks", type=int, default=4, help="most passages in a multi-chunk sample")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-items", type=int, default=32)
     p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--device", default="cpu", help="torch device of the base model and hypernetwork (cpu, cuda)")
+    p.add_argument(
+        "--max-minutes", type=float, default=0, help="save and stop after this much wall time (0: run all steps)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
@@ -131,7 +136,7 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
     ce = -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
     kl = ce + ((top_p * top_logp).sum(-1) * weight).sum()
     l1 = sum(b.abs().mean() for b in B.values()) / len(B)
-    return ce + args.l1 * l1, {"kl": float(kl), "l1": float(l1), "chunks": len(chunks)}
+    return ce + args.l1 * l1, {"kl": float(kl.detach()), "l1": float(l1.detach()), "chunks": len(chunks)}
 
 
 @torch.no_grad()
@@ -178,7 +183,8 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # Base model and data.
-    model = training_model(args.tiny, args.base_model)
+    model = training_model(args.tiny, args.base_model, args.device)
+    started = time.time()
     if args.docs_json:
         docs = [
             QADoc(d["passage"], [tuple(x) for x in d["qas"]], "json")
@@ -202,7 +208,8 @@ def main(argv=None) -> Path:
         num_latents=args.num_latents,
         num_blocks=args.num_blocks,
         chunk_len=args.chunk_len,
-    )
+        trained_chunks=args.max_chunks,
+    ).to(args.device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
     start, cursor, baselines = 0, 0, None
@@ -231,7 +238,7 @@ def main(argv=None) -> Path:
         for _ in range(args.accum):
             n_pass = 1
             if step >= args.multi_from and rng.random() < args.multi_prob:
-                n_pass = rng.randint(2, 4)
+                n_pass = rng.randint(2, args.max_chunks)
             picked = [docs[(cursor + j) % len(docs)] for j in range(n_pass)]
             cursor += n_pass
             qas = [qa for d in picked for qa in rng.sample(d.qas, min(len(d.qas), max(1, args.max_qas // n_pass)))]
@@ -251,11 +258,15 @@ def main(argv=None) -> Path:
             bar.write(f"step {step + 1}: held-out gap closure {record['gap_closure']:.3f}")
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        stop = out_of_time(started, args.max_minutes)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             save_state(
                 state_path, net, opt, {"step": step + 1, "cursor": cursor, "baselines": baselines, "args": vars(args)}
             )
             ckpt.save(net, out / "checkpoint")
+        if stop:
+            bar.write(f"stopping after {args.max_minutes} minutes at step {step + 1}; the same command resumes")
+            break
     return out / "checkpoint"
 
 

@@ -25,7 +25,7 @@ from ..hypernets import TextToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import lr_at, training_model
+from .common import lr_at, out_of_time, training_model
 from .state import load_state, save_state
 from .tasks import Example, Task
 
@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--device", default="cpu", help="torch device of the base model and hypernetwork (cpu, cuda)")
+    p.add_argument(
+        "--max-minutes", type=float, default=0, help="save and stop after this much wall time (0: run all steps)"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
@@ -69,9 +73,10 @@ def sft_batch(model: HyperLoRAModel, examples: list[Example], args) -> tuple[tor
         labels.append([-100] * len(prompt) + target)
     width = max(map(len, rows))
     pad = tok.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    device = model.base.device
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=device)
     return ids, mask, lab
 
 
@@ -98,7 +103,8 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # Base model and tasks.
-    model = training_model(args.tiny, args.base_model)
+    model = training_model(args.tiny, args.base_model, args.device)
+    started = time.time()
     if args.tasks_json:
         raw = json.loads(Path(args.tasks_json).read_text())
         train = [
@@ -127,7 +133,7 @@ def main(argv=None) -> Path:
     lora = LoraSpec(target_modules=tuple(args.targets.split(",")), rank=args.rank, alpha=args.rank)
     net = TextToLoRA.for_model(
         model, lora=lora, latent_dim=args.latent_dim, num_res_blocks=args.res_blocks, embed_dim=encoder.dim
-    )
+    ).to(args.device)
     net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
@@ -185,9 +191,13 @@ def main(argv=None) -> Path:
             )
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        stop = out_of_time(started, args.max_minutes)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             save_state(state_path, net, opt, {"step": step + 1, "args": vars(args)})
             ckpt.save(net, out / "checkpoint")
+        if stop:
+            bar.write(f"stopping after {args.max_minutes} minutes at step {step + 1}; the same command resumes")
+            break
     return out / "checkpoint"
 
 
