@@ -230,3 +230,24 @@ def test_d2l_evaluation_reports_the_mismatched_document_control(tiny_model):
     assert set(summary["nll"]) == {"none", "context", "adapter", "mismatched"}
     spec, match, mis = summary["gap_closure_specific"], summary["gap_closure"], summary["gap_closure_mismatched"]
     assert spec["mean"] == pytest.approx(match["mean"] - mis["mean"], abs=1e-9)
+
+
+def test_doc_weighting_puts_the_loss_where_the_document_matters():
+    """With --doc-weight-floor the loss is a KL weighted by the document's effect; it still trains."""
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=1)
+    net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
+    prefix = context_prefix(model.tokenizer)
+    qas = [("Who founded the observatory?", "Ilse Tramweg.")]
+    plain, _ = distill_loss(model, net, [DOC], qas, _args(), prefix)
+    weighted, info = distill_loss(model, net, [DOC], qas, _args(doc_weight_floor=0.05), prefix)
+    assert torch.isfinite(weighted) and float(weighted) != pytest.approx(float(plain))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    kls = []
+    for _ in range(30):
+        loss, info = distill_loss(model, net, [DOC], qas, _args(doc_weight_floor=0.05), prefix)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(info["kl"])
+    assert sum(kls[-5:]) / 5 < sum(kls[:5]) / 5

@@ -3,11 +3,14 @@
 Teacher: the frozen model with the document in its prompt. Student: the same model with the
 generated adapter and no document. One forward pass over [prefix | document | QA] gives both the
 teacher's log-probs on the QA tokens and the document activations the hypernetwork reads. The
-student is trained to match the teacher's top-k next-token distribution on all QA tokens.
+student is trained to match the teacher's top-k next-token distribution on the QA tokens, answer
+tokens weighted above question tokens. ``--doc-weight-floor`` further weights each position by how
+much the document moves it (KL of teacher to the model without the document): without it, the
+cheapest gain is a document-independent shift in answer style, which every adapter then carries.
 
 Curriculum: single-passage documents first; after ``--multi-from`` steps, a share of samples are
-2 to ``--max-chunks`` passages, each encoded as its own chunk and rank-concatenated, with questions about any of
-them, so concatenation is trained rather than hoped for.
+2 to ``--max-chunks`` passages, each encoded as its own chunk and rank-concatenated, with questions
+about any of them, so concatenation is trained rather than hoped for.
 
 Runs on a 2-core CPU: one document per micro-step, gradient accumulation, a checkpoint every
 ``--save-every`` steps, resume from ``<out>/state.safetensors``, JSONL log with held-out NLL.
@@ -58,6 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.25,
         help="loss weight of question/template tokens relative to answer tokens (1.0: uniform)",
+    )
+    p.add_argument(
+        "--doc-weight-floor",
+        type=float,
+        default=None,
+        help="weight QA positions by KL(teacher || model without the document) + this floor, so positions "
+        "where the document changes the prediction dominate (default: off)",
     )
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
@@ -118,6 +128,12 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
         top_logp, top_idx = t_logp.topk(args.top_k, dim=-1)
         top_p = top_logp.exp()
 
+        if getattr(args, "doc_weight_floor", None) is not None:
+            # How much the document moves each prediction: the base model's view without it.
+            bare = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
+            bare_logp = F.log_softmax(lm.lm_head(bare[0, positions]).float(), dim=-1)
+            doc_shift = (t_logp.exp() * (t_logp - bare_logp)).sum(-1).clamp(min=0)
+
     # Student pass: adapters from the hypernet, rank-concatenated over chunks, gradients to the net.
     A_parts, B_parts = [], []
     for a in acts:
@@ -132,6 +148,8 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
     # Answer tokens carry what the document tells; question and template tokens get less weight.
     is_answer = answer_mask(tok, qas, len(student_ids))[positions.cpu() + 1].to(device)
     weight = torch.where(is_answer, 1.0, getattr(args, "question_weight", 1.0))
+    if getattr(args, "doc_weight_floor", None) is not None:
+        weight = weight * (doc_shift + args.doc_weight_floor)
     weight = weight / weight.sum()
     ce = -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
     kl = ce + ((top_p * top_logp).sum(-1) * weight).sum()
