@@ -251,3 +251,58 @@ def test_doc_weighting_puts_the_loss_where_the_document_matters():
         opt.step()
         kls.append(info["kl"])
     assert sum(kls[-5:]) / 5 < sum(kls[:5]) / 5
+
+
+def _delta(A, B):
+    return {m: torch.einsum("lor,lri->loi", B[m], A[m]) for m in A}
+
+
+def test_centred_d2l_starts_as_the_identity_and_round_trips(tiny_model, tmp_path):
+    """Centring subtracts the reference mean and adds a static adapter initialised to that mean."""
+    torch.manual_seed(0)
+    net = DocToLoRA(tiny_model.d2l.config.model_copy(update={"center_bank": 2}))
+    missing, unexpected = net.load_state_dict(tiny_model.d2l.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("static_", "ref_")) for k in missing)
+    bank = []
+    for text in (DOC, "The river Olm floods every spring near the town of Brask."):
+        from hyperlora_integrations.encoders.activations import document_activations
+
+        ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        A, B = net(document_activations(tiny_model.model, ids, context_prefix(tiny_model.tokenizer))[None])
+        bank.append(({m: a[0] for m, a in A.items()}, {m: b[0] for m, b in B.items()}))
+    net.set_reference(bank)
+    net.init_static_from_reference()
+    cA, cB = net.centering(1.0)
+    assert _delta(cA, cB)["down_proj"].abs().max() < 1e-6  # -mean + static = 0 at the start
+    cA, cB = net.centering(2.0)  # two chunks: minus twice the mean, plus the static once
+    mean = sum(_delta(a, b)["down_proj"] for a, b in bank) / 2
+    assert torch.allclose(_delta(cA, cB)["down_proj"], -mean, atol=1e-5)
+    assert [a["down_proj"].shape for a, _ in net.reference_bank()] == [a["down_proj"].shape for a, _ in bank]
+    path = ckpt.save(net, tmp_path / "centred", dtype=torch.float32)
+    back = ckpt.load(path)
+    assert back.config.center_bank == 2
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    from hyperlora_integrations import HyperLoRAModel
+
+    centred = HyperLoRAModel(tiny_model.base, d2l=back)
+    adapter = centred.internalize(DOC)
+    assert adapter.rank == net.config.lora.rank * (1 + 2 * 2)  # the chunk, the reference bank, the static
+
+
+def test_centred_training_cli_runs_from_a_plain_checkpoint_and_resumes(tiny_model, tmp_path):
+    from hyperlora_integrations.training import train_d2l
+
+    plain = ckpt.save(tiny_model.d2l, tmp_path / "plain", dtype=torch.float32)
+    docs = tmp_path / "docs.json"
+    docs.write_text(json.dumps([{"passage": DOC, "qas": [["Who founded it?", "Ilse Tramweg."]]}] * 4))
+    out = tmp_path / "run"
+    cfg = tiny_model.d2l.config
+    common = ["--tiny", "--docs-json", str(docs), "--out", str(out), "--accum", "2", "--center", "2"]
+    common += ["--chunk-len", str(cfg.chunk_len), "--latent-dim", str(cfg.latent_dim)]
+    common += ["--num-latents", str(cfg.num_latents), "--num-blocks", str(cfg.num_blocks), "--init", str(plain)]
+    train_d2l.main([*common, "--steps", "2"])
+    train_d2l.main([*common, "--steps", "3"])
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert ckpt.load(out / "checkpoint").config.center_bank == 2

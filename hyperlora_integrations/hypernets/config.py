@@ -38,6 +38,9 @@ class D2LConfig(HypernetConfig):
     # Most chunks rank-concatenated in training. Beyond it, chunk deltas are scaled by
     # trained_chunks / n so their sum keeps the magnitude training produced (DocToLoRA.internalize).
     trained_chunks: int = Field(4, ge=1)
+    # Centred hypernetwork (0: off): every document adapter has the mean of this many reference
+    # adapters subtracted and a learned static adapter added (DocToLoRA.centering).
+    center_bank: int = Field(0, ge=0)
     max_document_tokens: int = Field(1_000_000, ge=1)
 
 

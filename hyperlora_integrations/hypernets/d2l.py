@@ -43,6 +43,61 @@ class DocToLoRA(Hypernetwork):
         self.heads = nn.ModuleDict(
             {m: LoRAHead(dim, *c.module_shapes[m], num_layers=layers, rank=rank) for m in self.modules_order}
         )
+        if c.center_bank:
+            # Reference adapters (buffers, refreshed during training) and a static adapter of
+            # the same rank (learned): see ``centering``.
+            rows = c.center_bank * rank
+            self.static_A = nn.ParameterDict()
+            self.static_B = nn.ParameterDict()
+            for m in self.modules_order:
+                d_in, d_out = c.module_shapes[m]
+                self.register_buffer(f"ref_A_{m}", torch.zeros(layers, rows, d_in))
+                self.register_buffer(f"ref_B_{m}", torch.zeros(layers, d_out, rows))
+                self.static_A[m] = nn.Parameter(torch.zeros(layers, rows, d_in))
+                self.static_B[m] = nn.Parameter(torch.zeros(layers, d_out, rows))
+
+    # ------------------------------------------------------------------ centring
+    def centering(self, weight: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Rank blocks that turn ``weight`` summed chunk adapters into centred ones.
+
+        A plain hypernetwork can lower the distillation loss with an adapter that is the same for
+        every document (how a model answers after reading *a* document), and ours did (see
+        docs/doc-to-lora.md). A centred one subtracts ``weight`` times the mean of reference
+        adapters (recent outputs, no gradient), so only what differs between documents reaches
+        the model, and adds a learned static adapter that takes over the shared part.
+        """
+        k = self.config.center_bank
+        A, B = {}, {}
+        for m in self.modules_order:
+            A[m] = torch.cat([getattr(self, f"ref_A_{m}"), self.static_A[m]], dim=1)
+            B[m] = torch.cat([getattr(self, f"ref_B_{m}") * (-weight / k), self.static_B[m]], dim=2)
+        return A, B
+
+    @torch.no_grad()
+    def set_reference(self, bank: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> None:
+        """Store ``center_bank`` recent single-chunk adapters ``(A, B)`` (scaling folded) as reference."""
+        for m in self.modules_order:
+            getattr(self, f"ref_A_{m}").copy_(torch.cat([a[m] for a, _ in bank], dim=1))
+            getattr(self, f"ref_B_{m}").copy_(torch.cat([b[m] for _, b in bank], dim=2))
+
+    def reference_bank(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """The stored reference adapters, one ``(A, B)`` per bank slot (to resume training)."""
+        rank = self.config.lora.rank
+        return [
+            (
+                {m: getattr(self, f"ref_A_{m}")[:, i * rank : (i + 1) * rank].clone() for m in self.modules_order},
+                {m: getattr(self, f"ref_B_{m}")[:, :, i * rank : (i + 1) * rank].clone() for m in self.modules_order},
+            )
+            for i in range(self.config.center_bank)
+        ]
+
+    @torch.no_grad()
+    def init_static_from_reference(self) -> None:
+        """Static adapter := mean reference adapter, so centring starts as the identity."""
+        k = self.config.center_bank
+        for m in self.modules_order:
+            self.static_A[m].copy_(getattr(self, f"ref_A_{m}"))
+            self.static_B[m].copy_(getattr(self, f"ref_B_{m}") / k)
 
     def forward(
         self, acts: torch.Tensor, mask: torch.Tensor | None = None
@@ -104,6 +159,9 @@ class DocToLoRA(Hypernetwork):
             acts = document_activations(model.model, chunk, prefix)
             A, B = self(acts[None].to(self.dtype))
             parts.append(Adapter({k: v[0] for k, v in A.items()}, {k: v[0] for k, v in B.items()}, scaling=scale))
+        if self.config.center_bank:
+            A, B = self.centering(scale * len(chunks))
+            parts.append(Adapter({k: v.detach() for k, v in A.items()}, {k: v.detach() for k, v in B.items()}))
         meta = AdapterMetadata(
             kind="document",
             source=source,

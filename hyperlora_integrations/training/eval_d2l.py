@@ -118,13 +118,14 @@ def plot_curve(log_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = [json.loads(line) for line in log_path.read_text().splitlines() if '"gap_closure"' in line]
-    # A resumed run that changed its probe set logs the same step twice: plot each probe
-    # definition as its own series rather than joining incomparable numbers.
+    # A run whose probe set changed on resume is plotted as one series per probe definition
+    # (told apart by their no-document baseline) rather than joining incomparable numbers.
     segments: list[list[dict]] = [[]]
     for p in points:
-        if segments[-1] and p["step"] <= segments[-1][-1]["step"]:
+        if segments[-1] and abs(p["nll_none"] - segments[-1][-1]["nll_none"]) > 1e-3:  # GPU vs CPU rounding
             segments.append([])
-        segments[-1].append(p)
+        if not segments[-1] or p["step"] > segments[-1][-1]["step"]:
+            segments[-1].append(p)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, seg in enumerate(segments):
         label = f"probe set {i + 1} (from step {seg[0]['step']})" if len(segments) > 1 else None

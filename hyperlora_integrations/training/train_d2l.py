@@ -7,6 +7,9 @@ student is trained to match the teacher's top-k next-token distribution on the Q
 tokens weighted above question tokens. ``--doc-weight-floor`` further weights each position by how
 much the document moves it (KL of teacher to the model without the document): without it, the
 cheapest gain is a document-independent shift in answer style, which every adapter then carries.
+``--center K`` attacks that directly: the student's adapter has the mean of the last K generated
+adapters (no gradient) subtracted and a learned static adapter added, so the shared part moves
+into the static adapter and the hypernetwork is paid only for what differs between documents.
 
 Curriculum: single-passage documents first; after ``--multi-from`` steps, a share of samples are
 2 to ``--max-chunks`` passages, each encoded as its own chunk and rank-concatenated, with questions
@@ -22,6 +25,7 @@ import argparse
 import json
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -69,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weight QA positions by KL(teacher || model without the document) + this floor, so positions "
         "where the document changes the prediction dominate (default: off)",
     )
+    p.add_argument(
+        "--center",
+        type=int,
+        default=0,
+        help="centred hypernetwork: subtract the mean of this many recent adapters, learn a static one (0: off)",
+    )
+    p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
     p.add_argument("--max-chunks", type=int, default=4, help="most passages in a multi-chunk sample")
@@ -142,6 +153,10 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
         B_parts.append(B)
     A = {m: torch.cat([p[m][0] for p in A_parts], dim=1) for m in A_parts[0]}
     B = {m: torch.cat([p[m][0] for p in B_parts], dim=2) for m in B_parts[0]}
+    if getattr(getattr(net, "config", None), "center_bank", 0):
+        cA, cB = net.centering(float(len(chunks)))
+        A = {m: torch.cat([A[m], cA[m]], dim=1) for m in A}
+        B = {m: torch.cat([B[m], cB[m]], dim=2) for m in B}
     with model.injector.activate_weights(A, B):
         hidden = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
     s_logp = F.log_softmax(lm.lm_head(hidden[0, positions]).float(), dim=-1)
@@ -154,7 +169,13 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
     ce = -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
     kl = ce + ((top_p * top_logp).sum(-1) * weight).sum()
     l1 = sum(b.abs().mean() for b in B.values()) / len(B)
-    return ce + args.l1 * l1, {"kl": float(kl.detach()), "l1": float(l1.detach()), "chunks": len(chunks)}
+    first = ({m: a[0].detach() for m, a in A_parts[0].items()}, {m: b[0].detach() for m, b in B_parts[0].items()})
+    return ce + args.l1 * l1, {
+        "kl": float(kl.detach()),
+        "l1": float(l1.detach()),
+        "chunks": len(chunks),
+        "adapter": first,  # the first chunk's adapter, for a centred net's reference bank
+    }
 
 
 @torch.no_grad()
@@ -227,7 +248,13 @@ def main(argv=None) -> Path:
         num_blocks=args.num_blocks,
         chunk_len=args.chunk_len,
         trained_chunks=args.max_chunks,
+        center_bank=args.center,
     ).to(args.device)
+    if args.init:
+        source = ckpt.load(args.init, device=args.device)
+        missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any(not k.startswith(("static_", "ref_")) for k in missing):
+            raise ValueError(f"--init {args.init} does not fit: missing={missing} unexpected={unexpected}")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
     start, cursor, baselines = 0, 0, None
@@ -238,8 +265,23 @@ def main(argv=None) -> Path:
         if info.get("eval_key") != _eval_key(eval_items):
             baselines = None  # the held-out probe set changed: recompute its baselines
         print(f"resumed from step {start}")
-    net.train()
     prefix = context_prefix(model.tokenizer)
+    bank: deque = deque(maxlen=args.center or 1)
+    if args.center:
+        if start == 0:  # a new centred run: the first documents' adapters are the reference
+            net.eval()
+            with torch.no_grad():
+                for d in docs[-args.center :]:
+                    acts = document_activations(
+                        model.model, encode_text(model.tokenizer, d.passage)[: args.chunk_len], prefix
+                    )
+                    A, B = net(acts[None])
+                    bank.append(({m: a[0] for m, a in A.items()}, {m: b[0] for m, b in B.items()}))
+            net.set_reference(list(bank))
+            net.init_static_from_reference()
+        else:
+            bank.extend(net.reference_bank())
+    net.train()
     log = (out / "log.jsonl").open("a")
     if eval_items and baselines is None:
         first = heldout_nll(model, net, eval_items)
@@ -263,12 +305,15 @@ def main(argv=None) -> Path:
             rng.shuffle(qas)
             loss, info = distill_loss(model, net, [d.passage for d in picked], qas[: args.max_qas], args, prefix)
             (loss / args.accum).backward()
-            stats["loss"] += float(loss) / args.accum
+            stats["loss"] += float(loss.detach()) / args.accum
             stats["kl"] += info["kl"] / args.accum
             stats["chunks"] = max(stats["chunks"], info["chunks"])
+            bank.append(info["adapter"])
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.center:
+            net.set_reference(list(bank))
         record = {"step": step + 1, "lr": lr_at(step, args), "sec": round(time.time() - t0, 2), **stats}
         bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['kl']:.3f}")
         if eval_items and (step + 1) % args.eval_every == 0:
