@@ -328,12 +328,16 @@ def test_long_document_check_puts_the_needle_in_the_last_chunk(tiny_model, tmp_p
     from hyperlora_integrations.training.data import EvalItem
 
     pool = [
-        EvalItem(f"Passage {i}: the harbour of town {i} holds {i * 3} boats and one lighthouse.", f"Q{i}?", [str(i)], "s")
+        EvalItem(
+            f"Passage {i}: the harbour of town {i} holds {i * 3} boats and one lighthouse.", f"Q{i}?", [str(i)], "s"
+        )
         for i in range(60)
     ]
     monkeypatch.setattr(long_document, "load_pool", lambda seed: pool)
     out = tmp_path / "long.json"
-    summary = long_document.main(["--tokens", "1024", "--docs", "2", "--max-new-tokens", "2", "--out", str(out)], tiny_model)
+    summary = long_document.main(
+        ["--tokens", "1024", "--docs", "2", "--max-new-tokens", "2", "--out", str(out)], tiny_model
+    )
     chunk_len = tiny_model.d2l.config.chunk_len
     assert summary["n"] == 2 and summary["needle_in_last_chunk"] is True
     assert summary["chunks"] == 1024 // chunk_len
