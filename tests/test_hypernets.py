@@ -241,7 +241,7 @@ def test_doc_weighting_puts_the_loss_where_the_document_matters():
     qas = [("Who founded the observatory?", "Ilse Tramweg.")]
     plain, _ = distill_loss(model, net, [DOC], qas, _args(), prefix)
     weighted, info = distill_loss(model, net, [DOC], qas, _args(doc_weight_floor=0.05), prefix)
-    assert torch.isfinite(weighted) and float(weighted) != pytest.approx(float(plain))
+    assert torch.isfinite(weighted) and float(weighted.detach()) != pytest.approx(float(plain.detach()))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     kls = []
     for _ in range(30):
