@@ -16,6 +16,7 @@ import json
 import platform
 import resource
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def build(model: HyperLoRAModel, tokens: int, docs: int, seed: int):
     """``docs`` (text, needle item) pairs; the needle starts exactly at a chunk boundary."""
     tok, chunk_len = model.tokenizer, model.d2l.config.chunk_len
     pool = load_pool(seed)
-    needles = [it for it in pool if len(encode_text(tok, it.passage)) <= chunk_len - 8][:docs]
+    short = (it for it in pool if len(encode_text(tok, it.passage)) <= chunk_len - 8)
+    needles = list(islice(short, docs))  # stops tokenizing the pool once there are enough
     used = {it.passage for it in needles}
     filler_ids = encode_text(tok, PASSAGE_SEPARATOR.join(it.passage for it in pool if it.passage not in used))
     out = []
@@ -77,7 +79,8 @@ def main(argv=None, model: HyperLoRAModel | None = None) -> dict:
         # Token-level assembly keeps the needle in the last chunk exactly.
         ids = fill + encode_text(tok, needle.passage)
         text = tok.decode(ids)
-        chunks = chunk_ids(encode_text(tok, text), chunk_len)
+        text_ids = encode_text(tok, text)  # as internalize tokenizes it
+        chunks = chunk_ids(text_ids, chunk_len)
         in_last = " ".join(needle.passage.split()[:8]) in tok.decode(chunks[-1])
         t0 = time.perf_counter()
         adapter = model.internalize(text, progress=False)
@@ -87,7 +90,7 @@ def main(argv=None, model: HyperLoRAModel | None = None) -> dict:
         q, gold = needle.question, needle.answers[0]
         row = {
             "source": needle.source,
-            "tokens": len(encode_text(tok, text)),
+            "tokens": len(text_ids),
             "chunks": len(chunks),
             "needle_in_last_chunk": in_last,
             "internalize_s": seconds,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
+from ..hypernets import checkpoint as ckpt
 from ..model import HyperLoRAModel
+from .state import save_state
 
 
 def lr_at(step: int, args) -> float:
@@ -29,6 +32,24 @@ def training_model(tiny: bool, base_model: str | None, device: str = "cpu") -> H
     return HyperLoRAModel(load_base_model(base_model, device=device))
 
 
-def out_of_time(started: float, max_minutes: float) -> bool:
-    """True once a run has used its wall-clock allowance (0: none), so it can save and stop cleanly."""
-    return max_minutes > 0 and time.time() - started > 60 * max_minutes
+def add_run_args(p) -> None:
+    """Where a training run computes and how long it may take (both loops share them)."""
+    p.add_argument("--device", default="cpu", help="torch device of the base model and hypernetwork (cpu, cuda)")
+    p.add_argument(
+        "--max-minutes", type=float, default=0, help="save and stop after this much wall time (0: run all steps)"
+    )
+
+
+def save_or_stop(step: int, args, started: float, out: Path, net, opt, info: dict, bar) -> bool:
+    """Checkpoint every ``--save-every`` steps and at the end; True (after saving) once out of time.
+
+    A run that used its ``--max-minutes`` saves a resumable state before it stops, so the same
+    command continues where it left off.
+    """
+    stop = args.max_minutes > 0 and time.time() - started > 60 * args.max_minutes
+    if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+        save_state(out / "state.safetensors", net, opt, info)
+        ckpt.save(net, out / "checkpoint")
+    if stop:
+        bar.write(f"stopping after {args.max_minutes} minutes at step {step + 1}; the same command resumes")
+    return stop

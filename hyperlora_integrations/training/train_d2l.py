@@ -38,9 +38,9 @@ from ..hypernets import DocToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import lr_at, out_of_time, training_model
+from .common import add_run_args, lr_at, save_or_stop, training_model
 from .data import QADoc
-from .state import load_state, save_state
+from .state import load_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,10 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-items", type=int, default=32)
     p.add_argument("--save-every", type=int, default=25)
-    p.add_argument("--device", default="cpu", help="torch device of the base model and hypernetwork (cpu, cuda)")
-    p.add_argument(
-        "--max-minutes", type=float, default=0, help="save and stop after this much wall time (0: run all steps)"
-    )
+    add_run_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
@@ -308,7 +305,8 @@ def main(argv=None) -> Path:
             stats["loss"] += float(loss.detach()) / args.accum
             stats["kl"] += info["kl"] / args.accum
             stats["chunks"] = max(stats["chunks"], info["chunks"])
-            bank.append(info["adapter"])
+            if args.center:
+                bank.append(info["adapter"])
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -321,14 +319,8 @@ def main(argv=None) -> Path:
             bar.write(f"step {step + 1}: held-out gap closure {record['gap_closure']:.3f}")
         log.write(json.dumps(record) + "\n")
         log.flush()
-        stop = out_of_time(started, args.max_minutes)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            save_state(
-                state_path, net, opt, {"step": step + 1, "cursor": cursor, "baselines": baselines, "args": vars(args)}
-            )
-            ckpt.save(net, out / "checkpoint")
-        if stop:
-            bar.write(f"stopping after {args.max_minutes} minutes at step {step + 1}; the same command resumes")
+        state = {"step": step + 1, "cursor": cursor, "baselines": baselines, "args": vars(args)}
+        if save_or_stop(step, args, started, out, net, opt, state, bar):
             break
     return out / "checkpoint"
 

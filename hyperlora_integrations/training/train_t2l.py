@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 from ..chat import encode_chat, encode_text
 from ..encoders.description import DescriptionEncoder
 from ..hypernets import TextToLoRA
-from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import lr_at, out_of_time, training_model
-from .state import load_state, save_state
+from .common import add_run_args, lr_at, save_or_stop, training_model
+from .state import load_state
 from .tasks import Example, Task
 
 
@@ -49,10 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
-    p.add_argument("--device", default="cpu", help="torch device of the base model and hypernetwork (cpu, cuda)")
-    p.add_argument(
-        "--max-minutes", type=float, default=0, help="save and stop after this much wall time (0: run all steps)"
-    )
+    add_run_args(p)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
@@ -191,12 +187,7 @@ def main(argv=None) -> Path:
             )
         log.write(json.dumps(record) + "\n")
         log.flush()
-        stop = out_of_time(started, args.max_minutes)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            save_state(state_path, net, opt, {"step": step + 1, "args": vars(args)})
-            ckpt.save(net, out / "checkpoint")
-        if stop:
-            bar.write(f"stopping after {args.max_minutes} minutes at step {step + 1}; the same command resumes")
+        if save_or_stop(step, args, started, out, net, opt, {"step": step + 1, "args": vars(args)}, bar):
             break
     return out / "checkpoint"
 
