@@ -269,6 +269,12 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     conds = results["conditions"]
     written: dict[str, str] = {}
 
+    def save(fig, key: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / PLOTS[key], dpi=110)
+        plt.close(fig)
+        written[key] = PLOTS[key]
+
     def series(key, getter):
         xs, ys = [], []
         for e in results["lengths"]:
@@ -308,10 +314,7 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     style(axes[1], "gold-answer NLL per token (95% CI)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Quality vs document length")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["quality"], dpi=110)
-    plt.close(fig)
-    written["quality"] = PLOTS["quality"]
+    save(fig, "quality")
 
     # Per-query latency vs length: total (solid) and time to first token (dashed).
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -324,10 +327,7 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     style(ax, "seconds per query (dashed: TTFT)", logy=True)
     ax.legend(fontsize=8)
     ax.set_title(f"Per-query latency ({results['meta']['config'].get('answer_tokens')} answer tokens)")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["latency"], dpi=110)
-    plt.close(fig)
-    written["latency"] = PLOTS["latency"]
+    save(fig, "latency")
 
     # Memory per document: bytes kept, and peak RSS growth.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -341,10 +341,7 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     style(axes[1], "peak RSS growth during the condition (bytes)", logy=True)
     axes[0].legend(fontsize=8)
     fig.suptitle("Memory per document vs length")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["memory"], dpi=110)
-    plt.close(fig)
-    written["memory"] = PLOTS["memory"]
+    save(fig, "memory")
 
     # Quality vs cost: per-query latency and per-document preparation, one marker per condition,
     # marker size by length; the Pareto frontier (lower cost, higher F1) is drawn per length.
@@ -383,10 +380,7 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     ]
     axes[0].legend(handles=handles, fontsize=8)
     fig.suptitle("Quality vs cost (bigger markers: longer documents; grey line: Pareto frontier per length)")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["pareto"], dpi=110)
-    plt.close(fig)
-    written["pareto"] = PLOTS["pareto"]
+    save(fig, "pareto")
     return written
 
 
