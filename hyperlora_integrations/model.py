@@ -265,6 +265,42 @@ class HyperLoRAModel:
         nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, len(prompt_ids) :], reduction="sum")
         return float(nll), len(target)
 
+    def score_options(
+        self,
+        prompt: Prompt,
+        options: Sequence[str],
+        adapters: Sequence[Adapter] = (),
+        *,
+        system: str | None = None,
+        context: str | None = None,
+    ) -> list[tuple[float, int]]:
+        """``score_detailed`` of each option after one shared prompt.
+
+        Multiple-choice scoring spends nearly all its time on the prompt; it is encoded once and
+        its KV cache is cropped back after each option instead of being recomputed per option.
+        """
+        adapters = self._checked(adapters)
+        prompt_ids = self.encode(prompt, system=system, context=context)
+        targets = [encode_text(self.tokenizer, option) for option in options]
+        if not targets or not all(targets):
+            raise InvalidInputError("options must be non-empty strings")
+        device = self.base.device
+        scores = []
+        with torch.no_grad(), self.injector.activate(adapters):
+            out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+            cache, first = out.past_key_values, out.logits[0, -1:]
+            for target in targets:
+                logits = first
+                if len(target) > 1:
+                    rest = self.model(input_ids=torch.tensor([target[:-1]], device=device), past_key_values=cache)
+                    logits = torch.cat([first, rest.logits[0]])
+                    cache.crop(-(len(target) - 1))  # negative: tokens to drop (old and new API alike)
+                nll = torch.nn.functional.cross_entropy(
+                    logits.float(), torch.tensor(target, device=device), reduction="sum"
+                )
+                scores.append((float(nll), len(target)))
+        return scores
+
     def score(self, prompt: Prompt, completion: str, adapters: Sequence[Adapter] = (), **kwargs) -> float:
         """Summed negative log-likelihood of ``completion`` given ``prompt``: our quality basis."""
         return self.score_detailed(prompt, completion, adapters, **kwargs)[0]

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from hyperlora_integrations.chat import context_prefix
+from hyperlora_integrations.chat import context_prefix, encode_text
+from hyperlora_integrations.encoders.activations import document_activations
 from hyperlora_integrations.errors import (
     BaseModelMismatchError,
     CheckpointError,
@@ -306,3 +307,127 @@ def test_centred_training_cli_runs_from_a_plain_checkpoint_and_resumes(tiny_mode
     steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert ckpt.load(out / "checkpoint").config.center_bank == 2
+
+
+OTHER_DOC = "The Quellmar Bridge was opened in 1987 by Tomas Eberlin across the river Sauk. "
+
+
+def test_contrastive_term_makes_adapters_document_specific():
+    """With --contrast, a document's own adapter comes to fit its teacher better than another's.
+
+    The tiny random model's teachers differ little between documents (KL ~1e-5), so the check is
+    relative: the same run with the term switched off (weight ~0, still measured) separates far less.
+    """
+    model = make_tiny_model(seed=1)
+    prefix = context_prefix(model.tokenizer)
+    docs = {
+        DOC: [("Who founded the observatory?", "Ilse Tramweg.")],
+        OTHER_DOC: [("Who opened the bridge?", "Tomas Eberlin.")],
+    }
+    acts = {d: document_activations(model.model, encode_text(model.tokenizer, d)[:64], prefix) for d in docs}
+
+    def final_gap(weight: float) -> float:
+        torch.manual_seed(0)
+        net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        gaps = []
+        for step in range(50):
+            doc, other = list(docs)[step % 2], list(docs)[(step + 1) % 2]
+            args = _args(contrast=weight, contrast_margin=0.1)
+            loss, info = distill_loss(model, net, [doc], docs[doc], args, prefix, negative=acts[other])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            gaps.append(info["ce_gap"])
+        assert gaps[0] == pytest.approx(0.0, abs=1e-6)  # near-zero initial adapters: nothing to tell apart
+        return sum(gaps[-6:]) / 6
+
+    with_term, without = final_gap(1.0), final_gap(1e-9)
+    assert with_term > 0 and with_term > 5 * abs(without)
+
+
+def test_contrastive_term_reaches_the_negative_adapter_and_is_off_by_default():
+    model = make_tiny_model(seed=1)
+    net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
+    with torch.no_grad():  # leave the near-zero initialisation so the negative adapter matters
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prefix = context_prefix(model.tokenizer)
+    negative = document_activations(model.model, encode_text(model.tokenizer, OTHER_DOC), prefix).requires_grad_()
+    qas = [("Who founded the observatory?", "Ilse Tramweg.")]
+    plain, info = distill_loss(model, net, [DOC], qas, _args(), prefix, negative=negative)
+    assert "ce_gap" not in info
+    with_term, info = distill_loss(model, net, [DOC], qas, _args(contrast=1.0, contrast_margin=0.1), prefix, negative)
+    assert "ce_gap" in info and float(with_term) != pytest.approx(float(plain))
+    with_term.backward()
+    assert negative.grad is not None and negative.grad.abs().sum() > 0
+
+
+def test_centred_l1_counts_only_generated_weights(tiny_model):
+    net = DocToLoRA(tiny_model.d2l.config.model_copy(update={"center_bank": 2}))
+    net.load_state_dict(tiny_model.d2l.state_dict(), strict=False)
+    prefix = context_prefix(tiny_model.tokenizer)
+    chunk = encode_text(tiny_model.tokenizer, DOC)[: net.config.chunk_len]
+    acts = document_activations(tiny_model.model, chunk, prefix)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith("static_"):
+                p.fill_(3.0)  # a large static adapter must not enter the penalty
+        _, B = net(acts[None])
+    expected = sum(b[0].abs().mean() for b in B.values()) / len(B)
+    _, info = distill_loss(tiny_model, net, [DOC], [("Who?", "Ilse.")], _args(l1=1.0), prefix)
+    # (the training pass reads the chunk's activations from inside the teacher prompt, so they
+    # differ from a standalone encoding in the last digits; the static block would add ~1.0)
+    assert info["l1"] == pytest.approx(float(expected), rel=5e-2)
+
+
+def test_t2l_contrastive_term_separates_matched_from_mismatched_descriptions():
+    from hyperlora_integrations.training.train_t2l import contrastive_sft_loss
+
+    model = make_tiny_model(seed=2)
+    emb_net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+    emb = emb_net.encoder(model).encode_many(["Answer with the capital city.", "Answer with the currency."])
+    examples = [Example("France?", "Paris"), Example("Money of Japan?", "Yen")]
+
+    def final_gap(weight: float) -> float:
+        torch.manual_seed(0)
+        net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+        net.set_embedding_stats(emb)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        args = _args(contrast_margin=0.5)
+        for _ in range(30):
+            ce, _, hinge, gap = contrastive_sft_loss(model, net, emb, emb.flip(0), examples, args, 0.0)
+            opt.zero_grad()
+            (ce + weight * hinge).backward()
+            opt.step()
+        return float(gap)
+
+    # Each input alone tells its answer, so plain SFT needs no description (it still separates
+    # the two adapters somewhat by memorising); the term must add separation on top of that.
+    with_term, without = final_gap(1.0), final_gap(0.0)
+    assert with_term > 0.3 and with_term > without + 0.03
+
+
+def test_t2l_training_cli_with_contrast_resumes(tmp_path):
+    from hyperlora_integrations.training import train_t2l
+
+    tasks = [
+        {"name": f"t{i}", "descriptions": [f"Answer with the {w}.", f"Give the {w}."], "examples": ex}
+        for i, (w, ex) in enumerate(
+            [
+                ("capital city", [{"input": "France?", "target": "Paris"}, {"input": "Italy?", "target": "Rome"}]),
+                ("currency", [{"input": "France?", "target": "Euro"}, {"input": "Japan?", "target": "Yen"}]),
+            ]
+        )
+    ]
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(tasks))
+    out = tmp_path / "run"
+    common = ["--tiny", "--tasks-json", str(path), "--out", str(out), "--contrast", "1.0", "--tasks-per-step", "2"]
+    common += ["--latent-dim", "32", "--save-every", "1"]
+    train_t2l.main([*common, "--steps", "2"])
+    train_t2l.main([*common, "--steps", "3"])
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all("ce_gap" in r for r in log)
+    assert ckpt.load(out / "checkpoint").config.kind == "t2l"

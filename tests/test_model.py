@@ -39,6 +39,23 @@ def test_score_matches_manual_sum(tiny_model):
     assert tiny_model.score("Question?", "An answer.") == pytest.approx(nll)
 
 
+def test_score_options_equals_scoring_each_option_alone(tiny_model):
+    adapter = tiny_model.internalize("The observatory was founded in 2031 by Ilse Tramweg.")
+    options = ["positive", "Negative, clearly.", "a", "The answer is (B) because it fits."]
+    for kwargs in ({}, {"adapters": [adapter]}, {"context": "Some context.", "system": "Be brief."}):
+        shared = tiny_model.score_options("Is it good?", options, **kwargs)
+        alone = [tiny_model.score_detailed("Is it good?", o, **kwargs) for o in options]
+        assert [n for _, n in shared] == [n for _, n in alone]
+        assert [nll for nll, _ in shared] == pytest.approx([nll for nll, _ in alone], rel=1e-4, abs=1e-4)
+
+
+def test_score_options_refuses_empty_options(tiny_model):
+    with pytest.raises(InvalidInputError):
+        tiny_model.score_options("Q?", ["yes", ""])
+    with pytest.raises(InvalidInputError):
+        tiny_model.score_options("Q?", [])
+
+
 @pytest.mark.parametrize("bad", [0, -1, 10**7])
 def test_bad_max_tokens(tiny_model, bad):
     with pytest.raises(InvalidInputError):

@@ -44,10 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def option_choice(model: HyperLoRAModel, prompt: str, options: list[str], **kwargs) -> str:
     """The option with the lowest mean per-token NLL as the assistant's answer."""
-    scores = []
-    for option in options:
-        nll, n = model.score_detailed(prompt, option, **kwargs)
-        scores.append(nll / n)
+    scores = [nll / n for nll, n in model.score_options(prompt, options, **kwargs)]
     return options[min(range(len(options)), key=scores.__getitem__)]
 
 

@@ -79,6 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="centred hypernetwork: subtract the mean of this many recent adapters, learn a static one (0: off)",
     )
+    p.add_argument(
+        "--contrast",
+        type=float,
+        default=0.0,
+        help="weight of the contrastive term: the document's own adapter must beat another document's (0: off)",
+    )
+    p.add_argument(
+        "--contrast-margin", type=float, default=0.1, help="nats per token the matched adapter should win by"
+    )
     p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
@@ -112,8 +121,15 @@ def answer_mask(tok, qas: list[tuple[str, str]], n_ids: int) -> torch.Tensor:
     return mask
 
 
-def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas, args, prefix):
-    """Loss for one (multi-)passage document: top-k KL to the teacher + L1 on generated weights."""
+def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas, args, prefix, negative=None):
+    """Loss for one (multi-)passage document: top-k KL to the teacher + L1 on generated weights.
+
+    ``negative``: the activations of another single-chunk document. With ``args.contrast`` > 0 the
+    student is also run with that document's adapter on these questions, and a soft hinge asks the
+    matched adapter to fit the teacher better than the mismatched one by about ``contrast_margin``
+    nats per token. Plain distillation is satisfied by what every adapter shares (answer style);
+    this term pays only for what the adapter knows of its own document.
+    """
     tok, lm = model.tokenizer, model.model
     chunks = [encode_text(tok, p)[: args.chunk_len] for p in passages]
     document = tok.decode([i for c in chunks for i in c])  # what the teacher sees
@@ -154,25 +170,40 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
         cA, cB = net.centering(float(len(chunks)))
         A = {m: torch.cat([A[m], cA[m]], dim=1) for m in A}
         B = {m: torch.cat([B[m], cB[m]], dim=2) for m in B}
-    with model.injector.activate_weights(A, B):
-        hidden = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
-    s_logp = F.log_softmax(lm.lm_head(hidden[0, positions]).float(), dim=-1)
     # Answer tokens carry what the document tells; question and template tokens get less weight.
     is_answer = answer_mask(tok, qas, len(student_ids))[positions.cpu() + 1].to(device)
     weight = torch.where(is_answer, 1.0, getattr(args, "question_weight", 1.0))
     if getattr(args, "doc_weight_floor", None) is not None:
         weight = weight * (doc_shift + args.doc_weight_floor)
     weight = weight / weight.sum()
-    ce = -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
+
+    def student_ce(A, B) -> torch.Tensor:
+        with model.injector.activate_weights(A, B):
+            hidden = lm.model(input_ids=torch.tensor([student_ids], device=device), use_cache=False).last_hidden_state
+        s_logp = F.log_softmax(lm.lm_head(hidden[0, positions]).float(), dim=-1)
+        return -((top_p * s_logp.gather(-1, top_idx)).sum(-1) * weight).sum()
+
+    ce = student_ce(A, B)
     kl = ce + ((top_p * top_logp).sum(-1) * weight).sum()
-    l1 = sum(b.abs().mean() for b in B.values()) / len(B)
-    first = ({m: a[0].detach() for m, a in A_parts[0].items()}, {m: b[0].detach() for m, b in B_parts[0].items()})
-    return ce + args.l1 * l1, {
-        "kl": float(kl.detach()),
-        "l1": float(l1.detach()),
-        "chunks": len(chunks),
-        "adapter": first,  # the first chunk's adapter, for a centred net's reference bank
-    }
+    # L1 on what the hypernetwork generated (not on a centred net's static or reference blocks).
+    l1 = sum(p[m].abs().mean() for p in B_parts for m in p) / (len(B_parts) * len(B_parts[0]))
+    loss = ce + args.l1 * l1
+    info = {"kl": float(kl.detach()), "l1": float(l1.detach()), "chunks": len(chunks), "acts": acts}
+    contrast = getattr(args, "contrast", 0.0)
+    if contrast and negative is not None and len(chunks) == 1:
+        nA, nB = net(negative[None])
+        nA, nB = {m: a[0] for m, a in nA.items()}, {m: b[0] for m, b in nB.items()}
+        if getattr(getattr(net, "config", None), "center_bank", 0):
+            nA = {m: torch.cat([nA[m], cA[m]], dim=1) for m in nA}
+            nB = {m: torch.cat([nB[m], cB[m]], dim=2) for m in nB}
+        margin = (student_ce(nA, nB) - ce) / args.contrast_margin  # > 1: matched wins by the margin
+        loss = loss + contrast * args.contrast_margin * F.softplus(1.0 - margin)
+        info["ce_gap"] = float(margin.detach()) * args.contrast_margin
+    info["adapter"] = (  # the first chunk's adapter, for a centred net's reference bank
+        {m: a[0].detach() for m, a in A_parts[0].items()},
+        {m: b[0].detach() for m, b in B_parts[0].items()},
+    )
+    return loss, info
 
 
 @torch.no_grad()
@@ -180,26 +211,33 @@ def heldout_nll(model: HyperLoRAModel, net: DocToLoRA, items, baselines=None) ->
     """Per-token gold-answer NLL: no document (a), document in prompt (b), adapter (c)."""
     net.eval()
     was_d2l, model.d2l = model.d2l, net
-    a_sum = b_sum = c_sum = 0.0
+    a_sum = b_sum = c_sum = m_sum = 0.0
     rows = []
+    adapters = [model.internalize(it.passage) for it in items]
     for i, it in enumerate(items):
         if baselines is None:
             a, n = model.score_detailed(it.question, it.answers[0])
             b, _ = model.score_detailed(it.question, it.answers[0], context=it.passage)
         else:
             a, b, n = baselines[i]
-        c, _ = model.score_detailed(it.question, it.answers[0], [model.internalize(it.passage)])
+        c, _ = model.score_detailed(it.question, it.answers[0], [adapters[i]])
+        # Control: the next item's adapter from the same source (as in ``hyperlora eval d2l``).
+        order = list(range(i + 1, len(items))) + list(range(i))
+        j = next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
+        mm, _ = model.score_detailed(it.question, it.answers[0], [adapters[j]])
         rows.append((a, b, n))
-        a_sum, b_sum, c_sum = a_sum + a / n, b_sum + b / n, c_sum + c / n
+        a_sum, b_sum, c_sum, m_sum = a_sum + a / n, b_sum + b / n, c_sum + c / n, m_sum + mm / n
     model.d2l = was_d2l
     net.train()
     m = len(items)
-    gap = (a_sum - c_sum) / max(1e-9, a_sum - b_sum)
+    den = max(1e-9, a_sum - b_sum)
     return {
         "nll_none": a_sum / m,
         "nll_context": b_sum / m,
         "nll_adapter": c_sum / m,
-        "gap_closure": gap,
+        "nll_mismatched": m_sum / m,
+        "gap_closure": (a_sum - c_sum) / den,
+        "gap_closure_specific": (m_sum - c_sum) / den,
         "_rows": rows,
     }
 
@@ -286,6 +324,7 @@ def main(argv=None) -> Path:
         log.write(json.dumps({"step": start, **first}) + "\n")
         log.flush()
 
+    recent: dict[str, tuple[str, torch.Tensor]] = {}  # source -> (passage, activations)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train d2l", unit="step")
     for step in bar:
         t0 = time.time()
@@ -300,7 +339,24 @@ def main(argv=None) -> Path:
             cursor += n_pass
             qas = [qa for d in picked for qa in rng.sample(d.qas, min(len(d.qas), max(1, args.max_qas // n_pass)))]
             rng.shuffle(qas)
-            loss, info = distill_loss(model, net, [d.passage for d in picked], qas[: args.max_qas], args, prefix)
+            # Negative for the contrastive term: the last single passage seen from the same source,
+            # so the two adapters differ in content rather than in source style.
+            negative = recent.get(picked[0].source) if n_pass == 1 else None
+            if negative is not None and negative[0] == picked[0].passage:
+                negative = None
+            loss, info = distill_loss(
+                model,
+                net,
+                [d.passage for d in picked],
+                qas[: args.max_qas],
+                args,
+                prefix,
+                negative=None if negative is None else negative[1],
+            )
+            if n_pass == 1:
+                recent[picked[0].source] = (picked[0].passage, info["acts"][0].clone())
+            if "ce_gap" in info:
+                stats["ce_gap"] = stats.get("ce_gap", 0.0) + info["ce_gap"] / args.accum
             (loss / args.accum).backward()
             stats["loss"] += float(loss.detach()) / args.accum
             stats["kl"] += info["kl"] / args.accum
@@ -316,7 +372,10 @@ def main(argv=None) -> Path:
         bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['kl']:.3f}")
         if eval_items and (step + 1) % args.eval_every == 0:
             record.update({k: v for k, v in heldout_nll(model, net, eval_items, baselines).items() if k != "_rows"})
-            bar.write(f"step {step + 1}: held-out gap closure {record['gap_closure']:.3f}")
+            bar.write(
+                f"step {step + 1}: held-out gap closure {record['gap_closure']:.3f}, "
+                f"document-specific {record['gap_closure_specific']:.3f}"
+            )
         log.write(json.dumps(record) + "\n")
         log.flush()
         state = {"step": step + 1, "cursor": cursor, "baselines": baselines, "args": vars(args)}

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..chat import encode_chat, encode_text
 from ..encoders.description import DescriptionEncoder
 from ..hypernets import TextToLoRA
+from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
 from .common import add_run_args, lr_at, save_or_stop, training_model
@@ -46,6 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-target-tokens", type=int, default=48)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
+    p.add_argument(
+        "--contrast",
+        type=float,
+        default=0.0,
+        help="weight of the contrastive term: an example under its own task's adapter must beat another task's (0: off)",
+    )
+    p.add_argument(
+        "--contrast-margin", type=float, default=0.1, help="nats per token the matched adapter should win by"
+    )
+    p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
     add_run_args(p)
@@ -76,17 +87,48 @@ def sft_batch(model: HyperLoRAModel, examples: list[Example], args) -> tuple[tor
     return ids, mask, lab
 
 
-def sft_loss(model, net, emb: torch.Tensor, examples: list[Example], args, smoothing: float):
-    """Loss of each example under the adapter generated from its own description embedding."""
+def target_logits(model, net, emb: torch.Tensor, examples: list[Example], args):
+    """Logits at every target position, each row under the adapter generated from its own embedding.
+
+    Returns (logits, targets, row of each target position, generated B weights).
+    """
     A, B = net(emb)
     ids, mask, labels = sft_batch(model, examples, args)
     with model.injector.activate_weights(A, B):
         hidden = model.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     keep = labels[:, 1:] != -100
     logits = model.model.lm_head(hidden[:, :-1][keep]).float()
-    ce = F.cross_entropy(logits, labels[:, 1:][keep], label_smoothing=smoothing)
+    return logits, labels[:, 1:][keep], keep.nonzero()[:, 0], B
+
+
+def sft_loss(model, net, emb: torch.Tensor, examples: list[Example], args, smoothing: float):
+    """Loss of each example under the adapter generated from its own description embedding."""
+    logits, targets, _, B = target_logits(model, net, emb, examples, args)
+    ce = F.cross_entropy(logits, targets, label_smoothing=smoothing)
     l2 = sum(b.pow(2).mean() for b in B.values()) / len(B)
     return ce, l2
+
+
+def contrastive_sft_loss(model, net, emb, negative_emb, examples: list[Example], args, smoothing: float):
+    """SFT loss plus a soft hinge: each example under its own task's adapter must beat (lower
+    per-token CE by about ``contrast_margin`` nats) the same example under another task's adapter.
+
+    Plain multi-task SFT is satisfied by one adapter good for every task; this term pays only for
+    what the description tells. Matched and mismatched rows share one batched forward pass.
+    Returns (ce, l2, hinge, mean CE gap).
+    """
+    n = len(examples)
+    logits, targets, rows, B = target_logits(model, net, torch.cat([emb, negative_emb]), examples + examples, args)
+    matched = rows < n
+    ce = F.cross_entropy(logits[matched], targets[matched], label_smoothing=smoothing)
+    token_ce = F.cross_entropy(logits, targets, reduction="none")
+    count = torch.zeros(2 * n, device=logits.device).index_add_(0, rows, torch.ones_like(token_ce))
+    per_row = torch.zeros(2 * n, device=logits.device).index_add_(0, rows, token_ce) / count.clamp(min=1)
+    gap = per_row[n:] - per_row[:n]
+    m = args.contrast_margin
+    hinge = (m * F.softplus(1.0 - gap / m)).mean()
+    l2 = sum(b.pow(2).mean() for b in B.values()) / len(B)
+    return ce, l2, hinge, gap.mean().detach()
 
 
 def main(argv=None) -> Path:
@@ -130,6 +172,8 @@ def main(argv=None) -> Path:
     net = TextToLoRA.for_model(
         model, lora=lora, latent_dim=args.latent_dim, num_res_blocks=args.res_blocks, embed_dim=encoder.dim
     ).to(args.device)
+    if args.init:
+        net.load_state_dict(ckpt.load(args.init, device=args.device).state_dict())
     net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
@@ -149,14 +193,24 @@ def main(argv=None) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         tasks = rng.sample(train, min(args.tasks_per_step, len(train)))
-        rows, examples = [], []
-        for task in tasks:
+        rows, negatives, examples = [], [], []
+        for i, task in enumerate(tasks):
             d = rng.randrange(len(task.descriptions))
+            other = tasks[(i + 1) % len(tasks)]  # the negative: another task of this batch
             for ex in rng.sample(task.examples, min(args.examples_per_task, len(task.examples))):
                 rows.append(emb[task.name][d])
+                negatives.append(emb[other.name][rng.randrange(len(other.descriptions))])
                 examples.append(ex)
-        ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
-        loss = ce + args.l2 * l2
+        extra = {}
+        if args.contrast and len(tasks) > 1:
+            ce, l2, hinge, gap = contrastive_sft_loss(
+                model, net, torch.stack(rows), torch.stack(negatives), examples, args, args.label_smoothing
+            )
+            loss = ce + args.l2 * l2 + args.contrast * hinge
+            extra = {"ce_gap": float(gap)}
+        else:
+            ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
+            loss = ce + args.l2 * l2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
@@ -167,6 +221,7 @@ def main(argv=None) -> Path:
             "sec": round(time.time() - t0, 2),
             "ce": float(ce),
             "l2": float(l2),
+            **extra,
         }
         bar.set_postfix(ce=f"{float(ce):.3f}")
         if probe and (step + 1) % args.eval_every == 0:
