@@ -288,11 +288,11 @@ class HyperLoRAModel:
         scores = []
         with torch.no_grad(), self.injector.activate(adapters):
             out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-            cache, first = out.past_key_values, out.logits[0, -1:]
+            cache, first = out.cache, out.logits[0, -1:]
             for target in targets:
                 logits = first
                 if len(target) > 1:
-                    rest = self.model(input_ids=torch.tensor([target[:-1]], device=device), past_key_values=cache)
+                    rest = self.model(input_ids=torch.tensor([target[:-1]], device=device), cache=cache)
                     logits = torch.cat([first, rest.logits[0]])
                     cache.crop(-(len(target) - 1))  # negative: tokens to drop (old and new API alike)
                 nll = torch.nn.functional.cross_entropy(
