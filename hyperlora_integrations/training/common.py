@@ -19,6 +19,21 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def add_contrast_args(p, unit: str) -> None:
+    """``--contrast`` / ``--contrast-margin``: matched adapter against another ``unit``'s, and
+    ``--init`` (a contrastive run usually starts from a trained checkpoint)."""
+    p.add_argument(
+        "--contrast",
+        type=float,
+        default=0.0,
+        help=f"weight of the contrastive term: the {unit}'s own adapter must beat another {unit}'s (0: off)",
+    )
+    p.add_argument(
+        "--contrast-margin", type=float, default=0.1, help="nats per token the matched adapter should win by"
+    )
+    p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
+
+
 def training_model(tiny: bool, base_model: str | None, device: str = "cpu") -> HyperLoRAModel:
     """The frozen model a hypernetwork trains through (``tiny``: the test model)."""
     if tiny:

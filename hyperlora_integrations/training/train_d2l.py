@@ -38,7 +38,7 @@ from ..hypernets import DocToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import add_run_args, lr_at, save_or_stop, training_model
+from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
 from .data import QADoc
 from .state import load_state
 
@@ -79,16 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="centred hypernetwork: subtract the mean of this many recent adapters, learn a static one (0: off)",
     )
-    p.add_argument(
-        "--contrast",
-        type=float,
-        default=0.0,
-        help="weight of the contrastive term: the document's own adapter must beat another document's (0: off)",
-    )
-    p.add_argument(
-        "--contrast-margin", type=float, default=0.1, help="nats per token the matched adapter should win by"
-    )
-    p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
+    add_contrast_args(p, "document")
     p.add_argument("--multi-from", type=int, default=300, help="step at which multi-chunk samples start")
     p.add_argument("--multi-prob", type=float, default=0.3)
     p.add_argument("--max-chunks", type=int, default=4, help="most passages in a multi-chunk sample")

@@ -25,7 +25,7 @@ from ..hypernets import TextToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
 from ..model import HyperLoRAModel
-from .common import add_run_args, lr_at, save_or_stop, training_model
+from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
 from .state import load_state
 from .tasks import Example, Task
 
@@ -47,16 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-target-tokens", type=int, default=48)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
-    p.add_argument(
-        "--contrast",
-        type=float,
-        default=0.0,
-        help="weight of the contrastive term: an example under its own task's adapter must beat another task's (0: off)",
-    )
-    p.add_argument(
-        "--contrast-margin", type=float, default=0.1, help="nats per token the matched adapter should win by"
-    )
-    p.add_argument("--init", default=None, help="start the hypernetwork from this checkpoint directory")
+    add_contrast_args(p, "task")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
     add_run_args(p)
