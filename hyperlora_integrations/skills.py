@@ -45,7 +45,10 @@ class SkillLibrary:
         self.store = store if store is not None else AdapterStore()
         self.namespace = check_name(namespace, "namespace")
         self.threshold = threshold
-        self._encoder = DescriptionEncoder(model.model, model.tokenizer)
+        # Route with the same embedding the skill hypernetwork reads (MiniLM or the base model's).
+        self._encoder = (
+            model.t2l.encoder(model) if model.t2l is not None else DescriptionEncoder(model.model, model.tokenizer)
+        )
         self._lock = threading.Lock()
         self._skills: dict[str, Skill] = {}
         self._emb: dict[str, torch.Tensor] = {}

@@ -49,6 +49,7 @@ class T2LConfig(HypernetConfig):
 
     kind: Literal["t2l"] = "t2l"
     embed_dim: int = Field(576, ge=1)
-    encoder: str = "base-mean"  # how descriptions are embedded (see encoders.description)
+    # how descriptions are embedded (encoders.description): the base model's own or MiniLM
+    encoder: Literal["base-mean", "minilm"] = "base-mean"
     num_res_blocks: int = Field(2, ge=0)
     max_description_tokens: int = Field(256, ge=1)

