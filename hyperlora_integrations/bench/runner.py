@@ -122,14 +122,18 @@ def environment(argv: list[str] | None) -> dict:
 
 # ---------------------------------------------------------------------- skill latency
 def measure_skill(model, runs: int, description: str = SKILL_DESCRIPTION) -> dict:
-    """``generate_skill`` latency for a one-sentence description: first call and warm median."""
+    """``generate_skill`` latency for a one-sentence description: first call and warm median.
+
+    The first call also loads the description encoder. Warm calls use a new description each
+    (the encoder caches embeddings, so repeating one description would time the cache).
+    """
     t0 = time.perf_counter()
     adapter = model.generate_skill(description)
     cold = time.perf_counter() - t0
     warm = []
-    for _ in range(runs):
+    for i in range(runs):
         t0 = time.perf_counter()
-        model.generate_skill(description)
+        model.generate_skill(f"{description.rstrip('.')} (variant {i + 1}).")
         warm.append(time.perf_counter() - t0)
     return {
         "description": description,
