@@ -36,6 +36,12 @@ class _CachedEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
+    model: PreTrainedModel  # the network that embeds; its hidden size is the embedding size
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
     def _embed(self, text: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -76,10 +82,6 @@ class DescriptionEncoder(_CachedEncoder):
         self.layer = layer if layer is not None else model.config.num_hidden_layers // 2
         self.max_tokens = max_tokens
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size
-
     @torch.no_grad()
     def _embed(self, text: str) -> torch.Tensor:
         ids = encode_text(self.tokenizer, text)[: self.max_tokens]
@@ -99,10 +101,6 @@ class SentenceEncoder(_CachedEncoder):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval().to(device)
         self.max_tokens = max_tokens
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size
 
     @torch.no_grad()
     def _embed(self, text: str) -> torch.Tensor:
