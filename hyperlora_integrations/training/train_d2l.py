@@ -40,6 +40,7 @@ from ..lora import LoraSpec
 from ..model import HyperLoRAModel
 from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
 from .data import QADoc
+from .eval_d2l import mismatched_index
 from .state import load_state
 
 
@@ -157,10 +158,17 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
         B_parts.append(B)
     A = {m: torch.cat([p[m][0] for p in A_parts], dim=1) for m in A_parts[0]}
     B = {m: torch.cat([p[m][0] for p in B_parts], dim=2) for m in B_parts[0]}
-    if getattr(getattr(net, "config", None), "center_bank", 0):
+    centred = bool(getattr(getattr(net, "config", None), "center_bank", 0))
+    if centred:
         cA, cB = net.centering(float(len(chunks)))
-        A = {m: torch.cat([A[m], cA[m]], dim=1) for m in A}
-        B = {m: torch.cat([B[m], cB[m]], dim=2) for m in B}
+
+    def with_centering(A, B):
+        """A centred net's adapter: the generated one plus the static and (minus) reference blocks."""
+        if not centred:
+            return A, B
+        return {m: torch.cat([A[m], cA[m]], dim=1) for m in A}, {m: torch.cat([B[m], cB[m]], dim=2) for m in B}
+
+    A, B = with_centering(A, B)
     # Answer tokens carry what the document tells; question and template tokens get less weight.
     is_answer = answer_mask(tok, qas, len(student_ids))[positions.cpu() + 1].to(device)
     weight = torch.where(is_answer, 1.0, getattr(args, "question_weight", 1.0))
@@ -183,10 +191,7 @@ def distill_loss(model: HyperLoRAModel, net: DocToLoRA, passages: list[str], qas
     contrast = getattr(args, "contrast", 0.0)
     if contrast and negative is not None and len(chunks) == 1:
         nA, nB = net(negative[None])
-        nA, nB = {m: a[0] for m, a in nA.items()}, {m: b[0] for m, b in nB.items()}
-        if getattr(getattr(net, "config", None), "center_bank", 0):
-            nA = {m: torch.cat([nA[m], cA[m]], dim=1) for m in nA}
-            nB = {m: torch.cat([nB[m], cB[m]], dim=2) for m in nB}
+        nA, nB = with_centering({m: a[0] for m, a in nA.items()}, {m: b[0] for m, b in nB.items()})
         margin = (student_ce(nA, nB) - ce) / args.contrast_margin  # > 1: matched wins by the margin
         loss = loss + contrast * args.contrast_margin * F.softplus(1.0 - margin)
         info["ce_gap"] = float(margin.detach()) * args.contrast_margin
@@ -212,10 +217,8 @@ def heldout_nll(model: HyperLoRAModel, net: DocToLoRA, items, baselines=None) ->
         else:
             a, b, n = baselines[i]
         c, _ = model.score_detailed(it.question, it.answers[0], [adapters[i]])
-        # Control: the next item's adapter from the same source (as in ``hyperlora eval d2l``).
-        order = list(range(i + 1, len(items))) + list(range(i))
-        j = next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
-        mm, _ = model.score_detailed(it.question, it.answers[0], [adapters[j]])
+        # Control: another passage's adapter from the same source (as in ``hyperlora eval d2l``).
+        mm, _ = model.score_detailed(it.question, it.answers[0], [adapters[mismatched_index(items, i)]])
         rows.append((a, b, n))
         a_sum, b_sum, c_sum, m_sum = a_sum + a / n, b_sum + b / n, c_sum + c / n, m_sum + mm / n
     model.d2l = was_d2l
