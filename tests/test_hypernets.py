@@ -431,3 +431,25 @@ def test_t2l_training_cli_with_contrast_resumes(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all("ce_gap" in r for r in log)
     assert ckpt.load(out / "checkpoint").config.kind == "t2l"
+
+
+def test_fitted_adapter_starts_at_the_base_model_and_the_fit_lowers_the_kl():
+    """The oracle probe's per-passage adapter: zero delta before fitting, then distillation works."""
+    from hyperlora_integrations.training.probe_oracle import FittedAdapter
+
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=1)
+    qas = [("Who founded the observatory?", "Ilse Tramweg."), ("When?", "In 2031.")]
+    fit = FittedAdapter(model.internalize(DOC))
+    assert all(float(b.abs().max()) == 0.0 for b in fit.adapter().B.values())
+    assert model.score_detailed(*qas[0], [fit.adapter()]) == pytest.approx(model.score_detailed(*qas[0]))
+    opt = torch.optim.Adam(fit.parameters(), lr=1e-2)
+    prefix = context_prefix(model.tokenizer)
+    kls = []
+    for _ in range(30):
+        loss, info = distill_loss(model, fit, [DOC], qas, _args(), prefix)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(info["kl"])
+    assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5

@@ -1,0 +1,141 @@
+"""Can a gradient-fitted adapter of the same shape carry a passage to a question it never saw?
+
+The Doc-to-LoRA hypernetwork's held-out gain is all document-independent (a mismatched
+document's adapter does as well). This probe asks whether that is the hypernetwork's limit or
+the adapter's: for held-out DROP passages with at least three questions, it fits one LoRA per
+passage by gradient descent, with the training loss itself (``train_d2l.distill_loss``: top-k
+distillation to the model with the passage in its prompt) on all but one of the passage's
+questions, then scores the gold answer of the left-out question with
+
+- (a) no document, (b) the passage in the prompt,
+- (o) the passage's own fitted adapter, (m) another passage's fitted adapter,
+- (c) the shipped hypernetwork's adapter and (cm) its adapter of another passage.
+
+(o) − (m) is the part of the fitted gain that is about the passage. Same targets, rank and loss
+as the hypernetwork: only the optimizer differs (per-passage steps instead of one forward pass).
+
+    python -m hyperlora_integrations.training.probe_oracle --passages 24 --steps 30 --out docs/results/probe_oracle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..chat import context_prefix, encode_text
+from ..lora import Adapter
+from ..metrics import bootstrap, mean
+from ..model import HyperLoRAModel
+from .data import olmo_drop
+from .eval_d2l import _gap
+from .train_d2l import distill_loss
+
+
+class FittedAdapter(nn.Module):
+    """Free A/B parameters shaped like one hypernetwork output: ``distill_loss`` treats it as the net."""
+
+    def __init__(self, like: Adapter) -> None:
+        super().__init__()
+        # peft's LoRA initialisation: A small and random, B zero, so the fit starts at the base model.
+        self.A = nn.ParameterDict(
+            {m: nn.Parameter(torch.randn_like(a) * a.shape[-1] ** -0.5) for m, a in like.A.items()}
+        )
+        self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros_like(b)) for m, b in like.B.items()})
+
+    def forward(self, _activations: torch.Tensor):
+        return {m: a[None] for m, a in self.A.items()}, {m: b[None] for m, b in self.B.items()}
+
+    def adapter(self) -> Adapter:
+        return Adapter(
+            {m: a.detach().clone() for m, a in self.A.items()}, {m: b.detach().clone() for m, b in self.B.items()}
+        )
+
+
+def passages_with_questions(n: int, min_questions: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Held-out DROP passages with several questions, as (passage, [(question, answer), ...])."""
+    by_passage: dict[str, list[tuple[str, str]]] = {}
+    for it in olmo_drop():
+        if it.answers and it.answers[0] and len(it.passage) <= 2500:
+            by_passage.setdefault(it.passage, []).append((it.question, it.answers[0]))
+    pool = [(p, qas) for p, qas in by_passage.items() if len(qas) >= min_questions]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--passages", type=int, default=24)
+    p.add_argument("--steps", type=int, default=30, help="Adam steps per passage")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-qas", type=int, default=4, help="fitting questions per passage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write rows and summary to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = HyperLoRAModel.from_pretrained(t2l=None)
+    net = model.d2l
+    loss_args = argparse.Namespace(
+        chunk_len=net.config.chunk_len, top_k=16, question_weight=0.25, doc_weight_floor=0.05, l1=0.0, contrast=0.0
+    )
+    prefix = context_prefix(model.tokenizer)
+    # One chunk each, so the fitted adapter has exactly the hypernetwork's rank.
+    fits = lambda passage: len(encode_text(model.tokenizer, passage)) <= net.config.chunk_len  # noqa: E731
+    data = [d for d in passages_with_questions(4 * args.passages, 3, args.seed) if fits(d[0])][: args.passages]
+
+    fitted, rows = [], []
+    for passage, qas in tqdm(data, desc="fit per-passage adapters", unit="passage"):
+        probe, train = qas[0], qas[1 : 1 + args.max_qas]
+        generated = model.internalize(passage, progress=False)
+        fit = FittedAdapter(generated)
+        opt = torch.optim.Adam(fit.parameters(), lr=args.lr)
+        for _ in range(args.steps):
+            loss, _info = distill_loss(model, fit, [passage], train, loss_args, prefix)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        fitted.append((fit.adapter(), generated))
+        q, a = probe
+        none, n = model.score_detailed(q, a)
+        ctx, _ = model.score_detailed(q, a, context=passage)
+        rows.append({"question": q, "answer": a, "n": n, "nll_none": none / n, "nll_context": ctx / n})
+
+    for i, row in enumerate(rows):
+        q, a = data[i][1][0]
+        other = (i + 1) % len(rows)  # another passage's adapters on this question
+        for key, adapter in (
+            ("nll_fitted", fitted[i][0]),
+            ("nll_fitted_other", fitted[other][0]),
+            ("nll_hypernet", fitted[i][1]),
+            ("nll_hypernet_other", fitted[other][1]),
+        ):
+            row[key] = model.score_detailed(q, a, [adapter])[0] / row["n"]
+
+    col = {k: [r[k] for r in rows] for k in rows[0] if k.startswith("nll_")}
+    abc = [col["nll_none"], col["nll_context"]]
+    summary = {"passages": len(rows), "steps": args.steps, "lr": args.lr}
+    summary["nll"] = {k.removeprefix("nll_"): mean(v) for k, v in col.items()}
+    for key in ("fitted", "fitted_other", "hypernet", "hypernet_other"):
+        summary[f"gap_closure_{key}"] = bootstrap([*abc, col[f"nll_{key}"]], _gap)
+    for key in ("fitted", "hypernet"):
+        summary[f"specific_{key}"] = bootstrap(
+            [*abc, col[f"nll_{key}"], col[f"nll_{key}_other"]],
+            lambda a, b, c, m: (mean(m) - mean(c)) / (mean(a) - mean(b)),
+        )
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows, "args": vars(args)}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
