@@ -75,20 +75,26 @@ def _args(**kw):
     return argparse.Namespace(**(base | kw))
 
 
-def test_short_d2l_training_lowers_the_distillation_loss():
-    torch.manual_seed(0)
-    model = make_tiny_model(seed=1)
-    net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+def _distill_kls(model, net, qas, steps: int, lr: float, **kw) -> list[float]:
+    """Fit ``net`` with the D2L loss on DOC for ``steps`` Adam steps; the KL after each."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
     prefix = context_prefix(model.tokenizer)
-    qas = [("Who founded the observatory?", "Ilse Tramweg."), ("When?", "In 2031.")]
     kls = []
-    for _ in range(40):
-        loss, info = distill_loss(model, net, [DOC], qas, _args(), prefix)
+    for _ in range(steps):
+        loss, info = distill_loss(model, net, [DOC], qas, _args(**kw), prefix)
         opt.zero_grad()
         loss.backward()
         opt.step()
         kls.append(info["kl"])
+    return kls
+
+
+def test_short_d2l_training_lowers_the_distillation_loss():
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=1)
+    net = DocToLoRA.for_model(model, chunk_len=64, latent_dim=32, num_latents=4, num_blocks=1)
+    qas = [("Who founded the observatory?", "Ilse Tramweg."), ("When?", "In 2031.")]
+    kls = _distill_kls(model, net, qas, steps=40, lr=3e-3)
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
 
 
@@ -243,14 +249,7 @@ def test_doc_weighting_puts_the_loss_where_the_document_matters():
     plain, _ = distill_loss(model, net, [DOC], qas, _args(), prefix)
     weighted, info = distill_loss(model, net, [DOC], qas, _args(doc_weight_floor=0.05), prefix)
     assert torch.isfinite(weighted) and float(weighted.detach()) != pytest.approx(float(plain.detach()))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    kls = []
-    for _ in range(30):
-        loss, info = distill_loss(model, net, [DOC], qas, _args(doc_weight_floor=0.05), prefix)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        kls.append(info["kl"])
+    kls = _distill_kls(model, net, qas, steps=30, lr=3e-3, doc_weight_floor=0.05)
     assert sum(kls[-5:]) / 5 < sum(kls[:5]) / 5
 
 
@@ -443,13 +442,5 @@ def test_fitted_adapter_starts_at_the_base_model_and_the_fit_lowers_the_kl():
     fit = FittedAdapter(model.internalize(DOC))
     assert all(float(b.abs().max()) == 0.0 for b in fit.adapter().B.values())
     assert model.score_detailed(*qas[0], [fit.adapter()]) == pytest.approx(model.score_detailed(*qas[0]))
-    opt = torch.optim.Adam(fit.parameters(), lr=1e-2)
-    prefix = context_prefix(model.tokenizer)
-    kls = []
-    for _ in range(30):
-        loss, info = distill_loss(model, fit, [DOC], qas, _args(), prefix)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        kls.append(info["kl"])
+    kls = _distill_kls(model, fit, qas, steps=30, lr=1e-2)
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5

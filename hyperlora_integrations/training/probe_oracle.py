@@ -76,12 +76,13 @@ def main(argv=None) -> dict:
     p.add_argument("--max-qas", type=int, default=4, help="fitting questions per passage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", default=None, help="also write rows and summary to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = HyperLoRAModel.from_pretrained(t2l=None)
+    model = HyperLoRAModel.from_pretrained(t2l=None, device=args.device)
     net = model.d2l
     loss_args = argparse.Namespace(
         chunk_len=net.config.chunk_len, top_k=16, question_weight=0.25, doc_weight_floor=0.05, l1=0.0, contrast=0.0
