@@ -2,8 +2,8 @@
 
 The Doc-to-LoRA hypernetwork's held-out gain is all document-independent (a mismatched
 document's adapter does as well). This probe asks whether that is the hypernetwork's limit or
-the adapter's: for held-out DROP passages with at least three questions, it fits one LoRA per
-passage by gradient descent, with the training loss itself (``train_d2l.distill_loss``: top-k
+the adapter's: for passages with at least three questions (held-out DROP, or SQuAD-shifts
+Wikipedia paragraphs with ``--source new_wiki``), it fits one LoRA per passage by gradient descent, with the training loss itself (``train_d2l.distill_loss``: top-k
 distillation to the model with the passage in its prompt) on all but one of the passage's
 questions, then scores the gold answer of the left-out question with
 
@@ -16,6 +16,8 @@ as the hypernetwork: only the optimizer differs (per-passage steps instead of on
 
     python -m hyperlora_integrations.training.probe_oracle --passages 24 --steps 30 --out docs/results/probe_oracle.json
     python -m hyperlora_integrations.training.probe_oracle --source new_wiki --out docs/results/probe_oracle_new_wiki.json
+
+``--max-minutes`` stops fitting new passages after that wall time and scores those already fitted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -91,6 +94,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--source", choices=["drop", "new_wiki"], default="drop", help="where the passages come from")
     p.add_argument("--out", default=None, help="also write rows and summary to this JSON file")
+    p.add_argument(
+        "--max-minutes", type=float, default=0, help="fit no new passage after this much wall time, then score (0: all)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,12 +109,14 @@ def main(argv=None) -> dict:
     prefix = context_prefix(model.tokenizer)
     # One chunk each, so the fitted adapter has exactly the hypernetwork's rank.
     fits = lambda passage: len(encode_text(model.tokenizer, passage)) <= net.config.chunk_len  # noqa: E731
-    data = [d for d in passages_with_questions(4 * args.passages, 3, args.seed, args.source) if fits(d[0])][
-        : args.passages
-    ]
+    pool = passages_with_questions(4 * args.passages, 3, args.seed, args.source)
+    data = [d for d in pool if fits(d[0])][: args.passages]
 
     fitted, rows = [], []
+    started = time.time()
     for passage, qas in tqdm(data, desc="fit per-passage adapters", unit="passage"):
+        if args.max_minutes and time.time() - started > 60 * args.max_minutes and len(rows) >= 2:
+            break  # score the passages fitted so far rather than lose them to an outer time limit
         probe, train = qas[0], qas[1 : 1 + args.max_qas]
         generated = model.internalize(passage, progress=False)
         fit = FittedAdapter(generated)
@@ -125,7 +133,7 @@ def main(argv=None) -> dict:
         rows.append({"question": q, "answer": a, "n": n, "nll_none": none / n, "nll_context": ctx / n})
 
     for i, row in enumerate(rows):
-        q, a = data[i][1][0]
+        q, a = row["question"], row["answer"]
         other = (i + 1) % len(rows)  # another passage's adapters on this question
         for key, adapter in (
             ("nll_fitted", fitted[i][0]),
