@@ -47,8 +47,9 @@ def training_model(tiny: bool, base_model: str | None, device: str = "cpu") -> H
     from ..base_model import load_base_model
 
     if device.startswith("cuda"):
-        # TF32 matmuls: ~the speed of bf16 on Hopper while weights and LoRA stay fp32; the
-        # distillation targets are top-k log-probs, which TF32's 10-bit mantissa keeps.
+        # TF32 matmuls for training only (weights and LoRA stay fp32): the gradient is noisy
+        # anyway. Evaluation loads without this and stays full fp32 (`hyperlora eval d2l` on an
+        # H100 reproduced the CPU's no-document and in-context NLL to 1e-5).
         torch.set_float32_matmul_precision("high")
     return HyperLoRAModel(load_base_model(base_model, device=device))
 

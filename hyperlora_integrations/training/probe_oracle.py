@@ -108,9 +108,8 @@ def main(argv=None) -> dict:
     )
     prefix = context_prefix(model.tokenizer)
     # One chunk each, so the fitted adapter has exactly the hypernetwork's rank.
-    fits = lambda passage: len(encode_text(model.tokenizer, passage)) <= net.config.chunk_len  # noqa: E731
     pool = passages_with_questions(4 * args.passages, 3, args.seed, args.source)
-    data = [d for d in pool if fits(d[0])][: args.passages]
+    data = [d for d in pool if len(encode_text(model.tokenizer, d[0])) <= net.config.chunk_len][: args.passages]
 
     fitted, rows = [], []
     started = time.time()
