@@ -357,7 +357,7 @@ def test_contrastive_term_reaches_the_negative_adapter_and_is_off_by_default():
     plain, info = distill_loss(model, net, [DOC], qas, _args(), prefix, negative=negative)
     assert "ce_gap" not in info
     with_term, info = distill_loss(model, net, [DOC], qas, _args(contrast=1.0, contrast_margin=0.1), prefix, negative)
-    assert "ce_gap" in info and float(with_term) != pytest.approx(float(plain))
+    assert "ce_gap" in info and float(with_term.detach()) != pytest.approx(float(plain.detach()))
     with_term.backward()
     assert negative.grad is not None and negative.grad.abs().sum() > 0
 
@@ -444,3 +444,25 @@ def test_fitted_adapter_starts_at_the_base_model_and_the_fit_lowers_the_kl():
     assert model.score_detailed(*qas[0], [fit.adapter()]) == pytest.approx(model.score_detailed(*qas[0]))
     kls = _distill_kls(model, fit, qas, steps=30, lr=1e-2)
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
+
+
+def test_fitted_adapter_serves_a_batch_of_task_rows():
+    """The T2L oracle probe fits one adapter shared by every row of an SFT batch."""
+    from hyperlora_integrations.training.probe_oracle import FittedAdapter
+
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    fit = FittedAdapter(model.generate_skill("Answer with the capital city."))
+    A, B = fit(torch.zeros(3, 1))
+    assert all(a.shape[0] == 3 and torch.equal(a[0], a[2]) for a in A.values())
+    opt = torch.optim.Adam(fit.parameters(), lr=1e-2)
+    examples = [Example("France?", "Paris"), Example("Italy?", "Rome")]
+    first = last = None
+    for _ in range(30):
+        ce, _ = sft_loss(model, fit, torch.zeros(2, 1), examples, _args(), 0.0)
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+        value = float(ce.detach())
+        first, last = first if first is not None else value, value
+    assert last < first - 0.3

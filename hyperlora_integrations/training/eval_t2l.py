@@ -49,11 +49,13 @@ def option_choice(model: HyperLoRAModel, prompt: str, options: list[str], **kwar
 
 
 def run_task(
-    model: HyperLoRAModel, task: Task, other: Task, n: int, args, rng: random.Random
+    model: HyperLoRAModel, task: Task, other: Task, n: int, args, rng: random.Random, adapters: dict | None = None
 ) -> dict[str, list[float]]:
+    """Scores per condition. ``adapters`` overrides the three generated ones (the oracle probe
+    passes per-task fitted adapters under the same condition names)."""
     description = task.descriptions[0]
     random_desc = " ".join(rng.sample(_WORDS, 8)).capitalize() + "."
-    adapters = {
+    adapters = adapters or {
         "c_adapter": model.generate_skill(description),
         "c_mismatched": model.generate_skill(other.descriptions[0]),
         "c_random": model.generate_skill(random_desc),

@@ -52,8 +52,12 @@ class FittedAdapter(nn.Module):
         )
         self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros_like(b)) for m, b in like.B.items()})
 
-    def forward(self, _activations: torch.Tensor):
-        return {m: a[None] for m, a in self.A.items()}, {m: b[None] for m, b in self.B.items()}
+    def forward(self, inputs: torch.Tensor):
+        """The same adapter for each row of ``inputs`` (document activations or task embeddings)."""
+        n = inputs.shape[0]
+        return {m: a.expand(n, *a.shape) for m, a in self.A.items()}, {
+            m: b.expand(n, *b.shape) for m, b in self.B.items()
+        }
 
     def adapter(self) -> Adapter:
         return Adapter(
