@@ -9,9 +9,11 @@ scored by ``eval_t2l.run_task`` under its condition names:
 - ``c_mismatched``: the next held-out task's fitted adapter;
 - ``c_random``: the shipped hypernetwork's adapter for the task's description, for reference.
 
-If (c) cannot beat (b) here, no hypernetwork emitting this adapter can on these tasks.
+Had even this fit failed to beat (b), the adapter's shape or the loss would be the limit; where
+it does, what remains is the hypernetwork's. The measured run (docs/text-to-lora.md):
 
-    python -m hyperlora_integrations.training.probe_oracle_t2l --out docs/results/probe_oracle_t2l.json
+    python -m hyperlora_integrations.training.probe_oracle_t2l --steps 25 --batch 4 --mc-examples 20 \
+        --gen-examples 10 --threads 2 --out docs/results/probe_oracle_t2l.json
 """
 
 from __future__ import annotations
