@@ -98,20 +98,26 @@ def test_short_d2l_training_lowers_the_distillation_loss():
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
 
 
-def test_short_t2l_training_lowers_the_sft_loss():
-    torch.manual_seed(0)
-    model = make_tiny_model(seed=2)
-    net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+def _sft_losses(model, net, emb, examples, steps: int) -> list[float]:
+    """Fit ``net`` with the T2L SFT loss for ``steps`` Adam steps (lr 1e-2); the CE after each."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    emb = net.encoder(model).encode_many(["Answer with the capital city.", "Answer with the capital city."])
-    examples = [Example("France?", "Paris"), Example("Italy?", "Rome")]
     losses = []
-    for _ in range(50):
+    for _ in range(steps):
         ce, _ = sft_loss(model, net, emb, examples, _args(), 0.0)
         opt.zero_grad()
         ce.backward()
         opt.step()
         losses.append(float(ce.detach()))
+    return losses
+
+
+def test_short_t2l_training_lowers_the_sft_loss():
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=model.model.config.hidden_size)
+    emb = net.encoder(model).encode_many(["Answer with the capital city.", "Answer with the capital city."])
+    examples = [Example("France?", "Paris"), Example("Italy?", "Rome")]
+    losses = _sft_losses(model, net, emb, examples, steps=50)
     # a random 2-layer model starts near log(vocab) = 10.8 nats; the generated adapter alone
     # (zero at initialisation) must lower it measurably
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
@@ -455,14 +461,6 @@ def test_fitted_adapter_serves_a_batch_of_task_rows():
     fit = FittedAdapter(model.generate_skill("Answer with the capital city."))
     A, B = fit(torch.zeros(3, 1))
     assert all(a.shape[0] == 3 and torch.equal(a[0], a[2]) for a in A.values())
-    opt = torch.optim.Adam(fit.parameters(), lr=1e-2)
     examples = [Example("France?", "Paris"), Example("Italy?", "Rome")]
-    first = last = None
-    for _ in range(30):
-        ce, _ = sft_loss(model, fit, torch.zeros(2, 1), examples, _args(), 0.0)
-        opt.zero_grad()
-        ce.backward()
-        opt.step()
-        value = float(ce.detach())
-        first, last = first if first is not None else value, value
-    assert last < first - 0.3
+    losses = _sft_losses(model, fit, torch.zeros(2, 1), examples, steps=30)
+    assert losses[-1] < losses[0] - 0.3

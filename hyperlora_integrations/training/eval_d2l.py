@@ -43,6 +43,11 @@ def _gap(a, b, c):
     return None if abs(den) < 1e-9 else (mean(a) - mean(c)) / den
 
 
+def _specific(a, b, c, m):
+    """Document-specific part: matched (c) minus mismatched (m), in units of the same gap."""
+    return (mean(m) - mean(c)) / (mean(a) - mean(b))
+
+
 def mismatched_index(items, i: int) -> int:
     """The control for item ``i``: the next item of the same source (cyclically) whose passage differs."""
     order = list(range(i + 1, len(items))) + list(range(i))
@@ -92,10 +97,8 @@ def summarize(rows: list[dict], generate: bool) -> dict:
         "nll": {k: mean(cols[f"nll_{k}"]) for k in ("none", "context", "adapter", "mismatched")},
         "gap_closure": bootstrap([cols["nll_none"], cols["nll_context"], cols["nll_adapter"]], _gap),
         "gap_closure_mismatched": bootstrap([cols["nll_none"], cols["nll_context"], cols["nll_mismatched"]], _gap),
-        # Document-specific part: matched minus mismatched, in units of the same gap.
         "gap_closure_specific": bootstrap(
-            [cols["nll_none"], cols["nll_context"], cols["nll_adapter"], cols["nll_mismatched"]],
-            lambda a, b, c, m: (mean(m) - mean(c)) / (mean(a) - mean(b)),
+            [cols["nll_none"], cols["nll_context"], cols["nll_adapter"], cols["nll_mismatched"]], _specific
         ),
         "by_source": {},
     }

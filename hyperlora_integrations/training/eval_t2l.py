@@ -101,6 +101,25 @@ def stratified_bootstrap(per_task: dict[str, dict[str, list[float]]], fn, resamp
     return {"mean": point, "lo": values[int(0.025 * resamples)], "hi": values[int(0.975 * resamples) - 1]}
 
 
+def _avg(condition: str):
+    return lambda s: sum(s[condition]) / len(s[condition])
+
+
+def condition_summary(per_task: dict[str, dict[str, list[float]]]) -> dict:
+    """Per-task means of every condition and their bootstrapped averages over tasks."""
+    return {
+        "tasks": {
+            name: {c: sum(v) / len(v) for c, v in s.items()} | {"n": len(s["a_base"])} for name, s in per_task.items()
+        },
+        "average": {c: stratified_bootstrap(per_task, _avg(c)) for c in CONDITIONS},
+    }
+
+
+def difference(per_task: dict[str, dict[str, list[float]]], x: str, y: str) -> dict:
+    """Average over tasks of condition ``x`` minus condition ``y`` (paired), with its interval."""
+    return stratified_bootstrap(per_task, lambda s: _avg(x)(s) - _avg(y)(s))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -112,20 +131,12 @@ def main(argv=None) -> dict:
         n = args.mc_examples if task.kind == "mc" else args.gen_examples
         per_task[task.name] = run_task(model, task, held[(i + 1) % len(held)], n, args, rng)
 
-    def avg(c):
-        return lambda s: sum(s[c]) / len(s[c])
-
     summary = {
-        "tasks": {
-            name: {c: sum(v) / len(v) for c, v in s.items()} | {"n": len(s["a_base"])} for name, s in per_task.items()
-        },
-        "average": {c: stratified_bootstrap(per_task, avg(c)) for c in CONDITIONS},
-        "c_minus_b": stratified_bootstrap(per_task, lambda s: avg("c_adapter")(s) - avg("b_desc")(s)),
-        "d_minus_b": stratified_bootstrap(per_task, lambda s: avg("d_adapter_desc")(s) - avg("b_desc")(s)),
-        "matched_minus_mismatched": stratified_bootstrap(
-            per_task, lambda s: avg("c_adapter")(s) - avg("c_mismatched")(s)
-        ),
-        "matched_minus_random": stratified_bootstrap(per_task, lambda s: avg("c_adapter")(s) - avg("c_random")(s)),
+        **condition_summary(per_task),
+        "c_minus_b": difference(per_task, "c_adapter", "b_desc"),
+        "d_minus_b": difference(per_task, "d_adapter_desc", "b_desc"),
+        "matched_minus_mismatched": difference(per_task, "c_adapter", "c_mismatched"),
+        "matched_minus_random": difference(per_task, "c_adapter", "c_random"),
         "kinds": {t.name: t.kind for t in held},
         "command": "hyperlora eval t2l " + " ".join(argv or []),
     }

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import HyperLoRAModel
-from .eval_t2l import CONDITIONS, run_task, stratified_bootstrap
+from . import train_t2l
+from .eval_t2l import condition_summary, difference, run_task
 from .probe_oracle import FittedAdapter
 from .tasks import load_tasks, split
 from .train_t2l import sft_loss
@@ -53,12 +54,13 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     model = HyperLoRAModel.from_pretrained(d2l=None)
     # The training loop's SFT settings, so the fit sees what the hypernetwork is trained on.
-    fit_args = argparse.Namespace(max_input_tokens=192, max_target_tokens=48)
+    fit_args = train_t2l.parse_args([])
     _, held = split(load_tasks(seed=args.seed))
+    n_eval = {t.name: args.mc_examples if t.kind == "mc" else args.gen_examples for t in held}
 
     fitted, generated, fit_loss = {}, {}, {}
     for task in tqdm(held, desc="fit per-task adapters", unit="task"):
-        n = args.mc_examples if task.kind == "mc" else args.gen_examples
+        n = n_eval[task.name]
         pool = task.examples[n : n + args.fit_examples]
         generated[task.name] = model.generate_skill(task.descriptions[0])
         fit = FittedAdapter(generated[task.name])
@@ -66,7 +68,7 @@ def main(argv=None) -> dict:
         losses = []
         for _ in range(args.steps):
             batch = rng.sample(pool, min(args.batch, len(pool)))
-            ce, _l2 = sft_loss(model, fit, torch.zeros(len(batch), 1), batch, fit_args, 0.1)
+            ce, _l2 = sft_loss(model, fit, torch.zeros(len(batch), 1), batch, fit_args, fit_args.label_smoothing)
             ce.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -77,26 +79,19 @@ def main(argv=None) -> dict:
     per_task = {}
     for i, task in enumerate(tqdm(held, desc="eval fitted adapters", unit="task")):
         other = held[(i + 1) % len(held)]
-        n = args.mc_examples if task.kind == "mc" else args.gen_examples
         adapters = {
             "c_adapter": fitted[task.name],
             "c_mismatched": fitted[other.name],
             "c_random": generated[task.name],
         }
-        per_task[task.name] = run_task(model, task, other, n, args, rng, adapters=adapters)
-
-    def avg(c):
-        return lambda s: sum(s[c]) / len(s[c])
+        per_task[task.name] = run_task(model, task, other, n_eval[task.name], args, rng, adapters=adapters)
 
     summary = {
-        "tasks": {name: {c: sum(v) / len(v) for c, v in s.items()} for name, s in per_task.items()},
+        **condition_summary(per_task),
         "fit_loss": fit_loss,
-        "average": {c: stratified_bootstrap(per_task, avg(c)) for c in CONDITIONS},
-        "fitted_minus_desc": stratified_bootstrap(per_task, lambda s: avg("c_adapter")(s) - avg("b_desc")(s)),
-        "fitted_desc_minus_desc": stratified_bootstrap(per_task, lambda s: avg("d_adapter_desc")(s) - avg("b_desc")(s)),
-        "fitted_minus_other_task": stratified_bootstrap(
-            per_task, lambda s: avg("c_adapter")(s) - avg("c_mismatched")(s)
-        ),
+        "fitted_minus_desc": difference(per_task, "c_adapter", "b_desc"),
+        "fitted_desc_minus_desc": difference(per_task, "d_adapter_desc", "b_desc"),
+        "fitted_minus_other_task": difference(per_task, "c_adapter", "c_mismatched"),
         "conditions": "c_adapter/d_adapter_desc: own fitted; c_mismatched: next task's fitted; c_random: shipped T2L",
         "args": vars(args),
     }
