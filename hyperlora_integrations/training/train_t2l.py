@@ -5,6 +5,12 @@ hypernetwork turns each description into an adapter, and the frozen model with t
 trained (cross-entropy with label smoothing on the target tokens only) to produce the target.
 Every sequence in a batch carries its own adapter; gradients reach only the hypernetwork.
 Description embeddings come from the frozen base model and are computed once up front.
+
+``--reconstruct LIBRARY`` trains by reconstruction instead, as the published design also does:
+the generated adapter of each sampled description is regressed onto its task's adapter fitted
+by gradient descent (``fit_library``), measured as the relative squared error of the weight
+deltas. No pass through the base model is needed, so a step costs milliseconds, not seconds;
+``--init`` then continues by SFT from the reconstructed checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from ..chat import encode_chat, encode_text
 from ..encoders.description import ENCODERS, description_encoder
 from ..hypernets import TextToLoRA
 from ..hypernets import checkpoint as ckpt
-from ..lora import LoraSpec
+from ..lora import Adapter, LoraSpec, delta_sq_distance
 from ..model import HyperLoRAModel
 from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
 from .state import load_state
@@ -54,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the generated B weights")
     add_contrast_args(p, "task")
+    p.add_argument(
+        "--reconstruct",
+        default=None,
+        help="folder of per-task fitted adapters (fit_library): train by reconstruction instead of SFT",
+    )
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the task embedding (reconstruction)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
     add_run_args(p)
@@ -128,6 +140,21 @@ def contrastive_sft_loss(model, net, emb, negative_emb, examples: list[Example],
     return ce, l2, hinge, gap.mean().detach()
 
 
+def reconstruction_loss(net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0) -> torch.Tensor:
+    """Relative squared error of each generated delta against its target, summed over layers and
+    modules, averaged over the batch (0: exact, 1: as far as the zero adapter)."""
+    if dropout:
+        emb = F.dropout(emb, dropout)
+    A, B = net(emb)
+    err = ref = 0.0
+    for m in A:
+        ta = torch.stack([t.A[m] for t in targets]).to(A[m])
+        tb = torch.stack([t.B[m] * t.scaling for t in targets]).to(B[m])
+        d, r = delta_sq_distance(A[m], B[m], ta, tb)
+        err, ref = err + d.sum(-1), ref + r.sum(-1)
+    return (err / ref).mean()
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.threads:
@@ -156,6 +183,15 @@ def main(argv=None) -> Path:
         from .tasks import load_tasks, split
 
         train, held = split(load_tasks(seed=args.seed))
+    library, held_library = {}, {}
+    if args.reconstruct:
+        from .fit_library import load_library
+
+        library = {k: a for k, (a, _) in load_library(args.reconstruct, "train").items()}
+        held_library = {k: a for k, (a, _) in load_library(args.reconstruct, "held").items()}
+        train = [t for t in train if t.name in library]
+        if not train:
+            raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
 
     # Description embeddings, once.
@@ -195,24 +231,30 @@ def main(argv=None) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         tasks = rng.sample(train, min(args.tasks_per_step, len(train)))
-        rows, negatives, examples = [], [], []
-        for i, task in enumerate(tasks):
-            d = rng.randrange(len(task.descriptions))
-            other = tasks[(i + 1) % len(tasks)]  # the negative: another task of this batch
-            for ex in rng.sample(task.examples, min(args.examples_per_task, len(task.examples))):
-                rows.append(emb[task.name][d])
-                negatives.append(emb[other.name][rng.randrange(len(other.descriptions))])
-                examples.append(ex)
         extra = {}
-        if args.contrast and len(tasks) > 1:
-            ce, l2, hinge, gap = contrastive_sft_loss(
-                model, net, torch.stack(rows), torch.stack(negatives), examples, args, args.label_smoothing
-            )
-            loss = ce + args.l2 * l2 + args.contrast * hinge
-            extra = {"ce_gap": float(gap)}
+        if library:
+            # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
+            picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in tasks])
+            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], args.dropout)
+            l2 = torch.zeros(())
         else:
-            ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
-            loss = ce + args.l2 * l2
+            rows, negatives, examples = [], [], []
+            for i, task in enumerate(tasks):
+                d = rng.randrange(len(task.descriptions))
+                other = tasks[(i + 1) % len(tasks)]  # the negative: another task of this batch
+                for ex in rng.sample(task.examples, min(args.examples_per_task, len(task.examples))):
+                    rows.append(emb[task.name][d])
+                    negatives.append(emb[other.name][rng.randrange(len(other.descriptions))])
+                    examples.append(ex)
+            if args.contrast and len(tasks) > 1:
+                ce, l2, hinge, gap = contrastive_sft_loss(
+                    model, net, torch.stack(rows), torch.stack(negatives), examples, args, args.label_smoothing
+                )
+                loss = ce + args.l2 * l2 + args.contrast * hinge
+                extra = {"ce_gap": float(gap)}
+            else:
+                ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
+                loss = ce + args.l2 * l2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
@@ -241,6 +283,20 @@ def main(argv=None) -> Path:
             record.update(heldout_ce_matched=matched / len(probe), heldout_ce_mismatched=mismatched / len(probe))
             bar.write(
                 f"step {step + 1}: held-out CE matched {record['heldout_ce_matched']:.3f} mismatched {record['heldout_ce_mismatched']:.3f}"
+            )
+        if held_library and (step + 1) % args.eval_every == 0:
+            # Held-out tasks' own fitted adapters: does the description predict the right delta?
+            names = [t.name for t in held if t.name in held_library]
+            first = torch.stack([emb[n][0] for n in names])
+            targets = [held_library[n] for n in names]
+            with torch.no_grad():
+                net.eval()
+                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets))
+                record["heldout_recon_mismatched"] = float(reconstruction_loss(net, first.roll(1, 0), targets))
+                net.train()
+            bar.write(
+                f"step {step + 1}: held-out reconstruction error matched {record['heldout_recon_matched']:.3f} "
+                f"mismatched {record['heldout_recon_mismatched']:.3f} (train {float(ce.detach()):.3f})"
             )
         log.write(json.dumps(record) + "\n")
         log.flush()

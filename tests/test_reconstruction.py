@@ -1,0 +1,121 @@
+"""Text-to-LoRA reconstruction: the delta distance, the fitted-adapter library and the training mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from hyperlora_integrations.hypernets import TextToLoRA
+from hyperlora_integrations.hypernets import checkpoint as ckpt
+from hyperlora_integrations.lora import delta_sq_distance
+from hyperlora_integrations.testing import tiny_hyperlora_model as make_tiny_model
+from hyperlora_integrations.training.fit_library import fit_task, load_library, save_fit
+from hyperlora_integrations.training.tasks import Example, Task
+from hyperlora_integrations.training.train_t2l import reconstruction_loss
+
+TASKS = [
+    Task(
+        "capitals",
+        "gen",
+        ["Answer with the capital city.", "Give the capital."],
+        [Example("France?", "Paris"), Example("Italy?", "Rome"), Example("Spain?", "Madrid")],
+    ),
+    Task(
+        "currencies",
+        "gen",
+        ["Answer with the currency.", "Name the money used there."],
+        [Example("Japan?", "Yen"), Example("France?", "Euro"), Example("India?", "Rupee")],
+    ),
+]
+
+
+def test_delta_distance_is_exact_and_ignores_the_factorisation():
+    torch.manual_seed(0)
+    a1, b1 = torch.randn(2, 3, 4, 12), torch.randn(2, 3, 10, 4)
+    a2, b2 = torch.randn(3, 6, 12), torch.randn(3, 10, 6)  # another rank, broadcast over the batch
+    dist, ref = delta_sq_distance(a1, b1, a2, b2)
+    assert dist.shape == ref.shape == (2, 3)
+    assert torch.allclose(dist, ((b1 @ a1 - b2 @ a2) ** 2).sum((-1, -2)), rtol=1e-4)
+    assert torch.allclose(ref, ((b2 @ a2) ** 2).sum((-1, -2)).expand(2, 3), rtol=1e-4)
+    m = torch.randn(4, 4) + 4 * torch.eye(4)  # B A == (B M)(M^-1 A)
+    same, _ = delta_sq_distance(torch.linalg.inv(m) @ a1, b1 @ m, a1, b1)
+    assert float(same.max()) < 1e-3 * float(ref.max())
+
+
+def _fit_args(**kw):
+    return argparse.Namespace(**{"steps": 30, "batch": 2, "lr": 1e-2, "max_input_tokens": 32, **kw})
+
+
+def test_fitted_library_round_trips_by_split(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    like = model.generate_skill("shape only")
+    fits = {}
+    for split_name, task in zip(("train", "held"), TASKS):
+        adapter, losses = fit_task(model, like, task.examples, _fit_args(), random.Random(0), seed=0)
+        assert losses["last5"] < losses["first5"] - 0.3  # the fit learns the task
+        save_fit(tmp_path, task, split_name, adapter, losses)
+        fits[task.name] = adapter
+    train = load_library(tmp_path, "train")
+    assert list(train) == ["capitals"] and list(load_library(tmp_path, "held")) == ["currencies"]
+    loaded, info = train["capitals"]
+    assert info["kind"] == "gen" and loaded.metadata.description == "Answer with the capital city."
+    assert all(torch.equal(loaded.B[m], fits["capitals"].B[m]) for m in loaded.B)
+
+
+def test_reconstruction_loss_is_one_at_zero_and_zero_at_the_target():
+    model = make_tiny_model(seed=2)
+    net = TextToLoRA.for_model(model, latent_dim=32, embed_dim=8)  # untrained: zero delta
+    target = model.generate_skill("Answer with the capital city.")
+    with torch.no_grad():
+        zero = float(reconstruction_loss(net, torch.randn(2, 8), [target, target]))
+    assert zero == pytest.approx(1.0, abs=1e-5)
+    exact = reconstruction_loss(_Const(target), torch.randn(1, 8), [target])
+    assert float(exact) == pytest.approx(0.0, abs=1e-4)
+
+
+class _Const(torch.nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, emb):
+        n = emb.shape[0]
+        a = self.adapter
+        return {m: v.expand(n, *v.shape) for m, v in a.A.items()}, {
+            m: (v * a.scaling).expand(n, *v.shape) for m, v in a.B.items()
+        }
+
+
+def test_reconstruction_training_cli_learns_the_library(tmp_path):
+    """``train t2l --reconstruct``: the generated deltas approach each task's fitted one."""
+    from hyperlora_integrations.training import train_t2l
+
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    like = model.generate_skill("shape only")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for task in TASKS:
+        adapter, losses = fit_task(model, like, task.examples, _fit_args(steps=10), random.Random(0), seed=0)
+        save_fit(lib, task, "train", adapter, losses)
+    tasks_json = tmp_path / "tasks.json"
+    tasks_json.write_text(
+        json.dumps(
+            [{"name": t.name, "descriptions": t.descriptions, "examples": [vars(e) for e in t.examples]} for t in TASKS]
+        )
+    )
+    out = tmp_path / "run"
+    common = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out)]
+    common += ["--latent-dim", "32", "--tasks-per-step", "2", "--lr", "3e-3", "--warmup", "5", "--save-every", "50"]
+    train_t2l.main([*common, "--steps", "100"])
+    train_t2l.main([*common, "--steps", "150"])  # resumes
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 151))
+    assert log[0]["ce"] == pytest.approx(1.0, abs=0.05)  # starts at the zero delta
+    assert sum(r["ce"] for r in log[-10:]) / 10 < 0.5
+    assert ckpt.load(out / "checkpoint").config.kind == "t2l"
