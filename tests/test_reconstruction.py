@@ -113,9 +113,44 @@ def test_reconstruction_training_cli_learns_the_library(tmp_path):
     common = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out)]
     common += ["--latent-dim", "32", "--tasks-per-step", "2", "--lr", "3e-3", "--warmup", "5", "--save-every", "50"]
     train_t2l.main([*common, "--steps", "100"])
-    train_t2l.main([*common, "--steps", "150"])  # resumes
+    train_t2l.main([*common, "--steps", "150", "--weighted"])  # resumes; the error on real activations
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 151))
     assert log[0]["ce"] == pytest.approx(1.0, abs=0.05)  # starts at the zero delta
     assert sum(r["ce"] for r in log[-10:]) / 10 < 0.5
     assert ckpt.load(out / "checkpoint").config.kind == "t2l"
+
+
+def test_weighted_distance_is_the_output_difference_on_real_activations():
+    """``input_gram`` + ``delta_sq_distance(gram=...)`` == mean ||dW1 x - dW2 x||^2 over the
+    module's real inputs (deltas only in layer 0, whose inputs no adapter changes)."""
+    from hyperlora_integrations.training import train_t2l
+    from hyperlora_integrations.training.fit_library import gram_root, input_gram
+
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    args = train_t2l.parse_args(["--max-input-tokens", "32"])
+    examples = [e for t in TASKS for e in t.examples]
+    gram = input_gram(model, examples, ["down_proj"], args)["down_proj"]
+    L, d_in = gram.shape[0], gram.shape[1]
+    d_out = model.injector.shapes["down_proj"][1]
+    A = [torch.randn(L, 4, d_in) for _ in range(2)]
+    B = [torch.randn(L, d_out, 4) for _ in range(2)]
+    for b in B:
+        b[1:] = 0
+    outputs = []
+    target = model.injector.targets[("down_proj", 0)].module
+    handle = target.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    ids, mask, _ = train_t2l.sft_batch(model, examples, args)
+    try:
+        for a, b in zip(A, B):
+            with torch.no_grad(), model.injector.activate_weights({"down_proj": a}, {"down_proj": b}):
+                model.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    direct = ((outputs[0] - outputs[1])[mask.bool()] ** 2).sum(-1).mean()
+    dist, _ = delta_sq_distance(A[0], B[0], A[1], B[1], gram)
+    assert float(dist.sum()) == pytest.approx(float(direct), rel=1e-3)
+    root = gram_root(gram, energy=1.0)
+    projected, _ = delta_sq_distance(A[0] @ root, B[0], A[1] @ root, B[1])
+    assert float(projected.sum()) == pytest.approx(float(direct), rel=1e-3)

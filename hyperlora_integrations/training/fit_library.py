@@ -59,6 +59,64 @@ def fit_task(model: HyperLoRAModel, like: Adapter, pool: list[Example], args, rn
     return fit.adapter(), {"first5": sum(losses[:k]) / k, "last5": sum(losses[-k:]) / k}
 
 
+@torch.no_grad()
+def input_gram(model: HyperLoRAModel, examples: list[Example], modules: list[str], args) -> dict[str, torch.Tensor]:
+    """``E[x x']`` of each target module's input per layer, over the tokens of ``examples``
+    (prompt and target, as the SFT loss sees them): ``{module: (L, d_in, d_in)}``."""
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    count = 0
+    keep: list[torch.Tensor] = []
+
+    def hook_for(key):
+        def hook(module, inputs, output):
+            x = inputs[0][keep[0]].double()
+            sums[key] = sums.get(key, 0) + x.T @ x
+
+        return hook
+
+    handles = [
+        t.module.register_forward_hook(hook_for(key)) for key, t in model.injector.targets.items() if key[0] in modules
+    ]
+    try:
+        for i in tqdm(range(0, len(examples), 8), desc="input second moments", unit="batch"):
+            ids, mask, _labels = train_t2l.sft_batch(model, examples[i : i + 8], args)
+            keep[:] = [mask.bool()]
+            model.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            count += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    layers = model.injector.num_layers
+    return {m: torch.stack([sums[(m, layer)] / count for layer in range(layers)]).float() for m in modules}
+
+
+def gram_root(gram: torch.Tensor, energy: float = 0.999) -> torch.Tensor:
+    """``S (L, d_in, k)`` with ``S S' ~= gram`` per layer, keeping the top eigen-directions that
+    hold ``energy`` of the trace in every layer: projecting A by S turns the activation-weighted
+    delta distance into a plain one, at k/d_in of the cost."""
+    vals, vecs = torch.linalg.eigh(gram.double())  # ascending
+    vals = vals.clamp_min(0).flip(-1)
+    vecs = vecs.flip(-1)
+    share = vals.cumsum(-1) / vals.sum(-1, keepdim=True)
+    k = int((share < energy).sum(-1).max()) + 1
+    return (vecs[..., :k] * vals[..., None, :k].sqrt()).float()
+
+
+def library_gram(folder: Path, model: HyperLoRAModel, tasks: list[Task], modules: list[str], args) -> dict:
+    """The input second moments of the library's training tasks (2 examples each), cached in
+    ``folder/gram.safetensors``."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "gram.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    rng = random.Random(0)
+    examples = [ex for t in tasks for ex in rng.sample(t.examples, min(2, len(t.examples)))]
+    gram = input_gram(model, examples, modules, args)
+    save_file({m: g.contiguous() for m, g in gram.items()}, str(path))
+    return gram
+
+
 def file_name(task_name: str, suffix: str = ".safetensors") -> str:
     return task_name.replace("/", "__") + suffix
 

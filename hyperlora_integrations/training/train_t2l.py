@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="folder of per-task fitted adapters (fit_library): train by reconstruction instead of SFT",
     )
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the task embedding (reconstruction)")
+    p.add_argument(
+        "--weighted",
+        action="store_true",
+        help="reconstruction error on the deltas' outputs for real activations, not on raw weights",
+    )
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=25)
     add_run_args(p)
@@ -140,9 +145,15 @@ def contrastive_sft_loss(model, net, emb, negative_emb, examples: list[Example],
     return ce, l2, hinge, gap.mean().detach()
 
 
-def reconstruction_loss(net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0) -> torch.Tensor:
+def reconstruction_loss(
+    net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0, proj: dict | None = None
+) -> torch.Tensor:
     """Relative squared error of each generated delta against its target, summed over layers and
-    modules, averaged over the batch (0: exact, 1: as far as the zero adapter)."""
+    modules, averaged over the batch (0: exact, 1: as far as the zero adapter).
+
+    ``proj``: per-module ``gram_root`` factors; A is projected by them, so the error is measured
+    on the outputs the deltas give on real activations rather than on the raw weights.
+    """
     if dropout:
         emb = F.dropout(emb, dropout)
     A, B = net(emb)
@@ -150,7 +161,10 @@ def reconstruction_loss(net, emb: torch.Tensor, targets: list[Adapter], dropout:
     for m in A:
         ta = torch.stack([t.A[m] for t in targets]).to(A[m])
         tb = torch.stack([t.B[m] * t.scaling for t in targets]).to(B[m])
-        d, r = delta_sq_distance(A[m], B[m], ta, tb)
+        a = A[m]
+        if proj is not None:
+            a, ta = a @ proj[m], ta @ proj[m]
+        d, r = delta_sq_distance(a, B[m], ta, tb)
         err, ref = err + d.sum(-1), ref + r.sum(-1)
     return (err / ref).mean()
 
@@ -192,6 +206,13 @@ def main(argv=None) -> Path:
         train = [t for t in train if t.name in library]
         if not train:
             raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
+    proj = None
+    if args.reconstruct and args.weighted:
+        from .fit_library import gram_root, library_gram
+
+        gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
+        proj = {m: gram_root(g).to(args.device) for m, g in gram.items()}
+        print("activation-weighted reconstruction:", {m: tuple(p.shape) for m, p in proj.items()})
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
 
     # Description embeddings, once.
@@ -235,7 +256,7 @@ def main(argv=None) -> Path:
         if library:
             # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
             picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in tasks])
-            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], args.dropout)
+            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], args.dropout, proj)
             l2 = torch.zeros(())
         else:
             rows, negatives, examples = [], [], []
@@ -291,8 +312,10 @@ def main(argv=None) -> Path:
             targets = [held_library[n] for n in names]
             with torch.no_grad():
                 net.eval()
-                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets))
-                record["heldout_recon_mismatched"] = float(reconstruction_loss(net, first.roll(1, 0), targets))
+                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets, proj=proj))
+                record["heldout_recon_mismatched"] = float(
+                    reconstruction_loss(net, first.roll(1, 0), targets, proj=proj)
+                )
                 net.train()
             bar.write(
                 f"step {step + 1}: held-out reconstruction error matched {record['heldout_recon_matched']:.3f} "
