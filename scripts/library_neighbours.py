@@ -49,8 +49,12 @@ def stack(adapters: list[Adapter], weights: torch.Tensor) -> tuple[dict, dict]:
 def rel_error(A: dict, B: dict, target: Adapter, proj: dict | None) -> float:
     err = ref = 0.0
     for m in target.A:
-        a, ta = (A[m], target.A[m]) if proj is None else (A[m] @ proj[m], target.A[m] @ proj[m])
-        d, r = delta_sq_distance(a, B[m], ta, target.B[m] * target.scaling)
+        tb = target.B[m] * target.scaling
+        d, r = delta_sq_distance(A[m], B[m], target.A[m], tb)
+        if proj is not None:
+            root, tail = proj[m]
+            dw, rw = delta_sq_distance(A[m] @ root, B[m], target.A[m] @ root, tb)
+            d, r = dw + tail * d, rw + tail * r
         err, ref = err + float(d.sum()), ref + float(r.sum())
     return err / ref
 
@@ -78,7 +82,7 @@ def main(argv=None) -> dict:
     if args.weighted:
         loss_args = train_t2l.parse_args(["--max-input-tokens", "128"])
         gram = library_gram(Path(args.library), model, [tasks[n] for n in names], ["down_proj"], loss_args)
-        proj = {m: gram_root(g) for m, g in gram.items()}
+        proj = {m: gram_root(g, k=gram[m].shape[-1]) for m, g in gram.items()}  # exact
     uniform = torch.full((len(lib),), 1 / len(lib))
     mean_A, mean_B = stack(lib, uniform)
     rows = {}

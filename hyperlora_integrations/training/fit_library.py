@@ -90,16 +90,20 @@ def input_gram(model: HyperLoRAModel, examples: list[Example], modules: list[str
     return {m: torch.stack([sums[(m, layer)] / count for layer in range(layers)]).float() for m in modules}
 
 
-def gram_root(gram: torch.Tensor, energy: float = 0.999) -> torch.Tensor:
-    """``S (L, d_in, k)`` with ``S S' ~= gram`` per layer, keeping the top eigen-directions that
-    hold ``energy`` of the trace in every layer: projecting A by S turns the activation-weighted
-    delta distance into a plain one, at k/d_in of the cost."""
+def gram_root(gram: torch.Tensor, k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S (L, d_in, k), tail (L,))`` with ``gram ~= S S' + tail I`` per layer.
+
+    The top ``k`` eigen-directions are kept exactly and the rest is treated as isotropic at their
+    mean eigenvalue, so the activation-weighted distance costs two rank-``k`` products instead of
+    one ``d_in x d_in`` one per adapter row. Exact when ``k == d_in``.
+    """
     vals, vecs = torch.linalg.eigh(gram.double())  # ascending
-    vals = vals.clamp_min(0).flip(-1)
-    vecs = vecs.flip(-1)
-    share = vals.cumsum(-1) / vals.sum(-1, keepdim=True)
-    k = int((share < energy).sum(-1).max()) + 1
-    return (vecs[..., :k] * vals[..., None, :k].sqrt()).float()
+    vals, vecs = vals.clamp_min(0).flip(-1), vecs.flip(-1)
+    k = min(k, vals.shape[-1])
+    rest = vals[..., k:]
+    tail = rest.mean(-1) if rest.shape[-1] else torch.zeros_like(vals[..., 0])
+    root = vecs[..., :k] * (vals[..., None, :k] - tail[..., None, None]).clamp_min(0).sqrt()
+    return root.float(), tail.float()
 
 
 def library_gram(folder: Path, model: HyperLoRAModel, tasks: list[Task], modules: list[str], args) -> dict:

@@ -146,13 +146,13 @@ def contrastive_sft_loss(model, net, emb, negative_emb, examples: list[Example],
 
 
 def reconstruction_loss(
-    net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0, proj: dict | None = None
+    net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0, weight: dict | None = None
 ) -> torch.Tensor:
     """Relative squared error of each generated delta against its target, summed over layers and
     modules, averaged over the batch (0: exact, 1: as far as the zero adapter).
 
-    ``proj``: per-module ``gram_root`` factors; A is projected by them, so the error is measured
-    on the outputs the deltas give on real activations rather than on the raw weights.
+    ``weight``: per module, ``gram_root``'s ``(S, tail)`` with ``E[x x'] ~= S S' + tail I``: the
+    error is then the one on the deltas' outputs for real activations, not on raw weights.
     """
     if dropout:
         emb = F.dropout(emb, dropout)
@@ -161,10 +161,11 @@ def reconstruction_loss(
     for m in A:
         ta = torch.stack([t.A[m] for t in targets]).to(A[m])
         tb = torch.stack([t.B[m] * t.scaling for t in targets]).to(B[m])
-        a = A[m]
-        if proj is not None:
-            a, ta = a @ proj[m], ta @ proj[m]
-        d, r = delta_sq_distance(a, B[m], ta, tb)
+        d, r = delta_sq_distance(A[m], B[m], ta, tb)
+        if weight is not None:
+            root, tail = weight[m]
+            dw, rw = delta_sq_distance(A[m] @ root, B[m], ta @ root, tb)
+            d, r = dw + tail * d, rw + tail * r
         err, ref = err + d.sum(-1), ref + r.sum(-1)
     return (err / ref).mean()
 
@@ -211,8 +212,7 @@ def main(argv=None) -> Path:
         from .fit_library import gram_root, library_gram
 
         gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
-        proj = {m: gram_root(g).to(args.device) for m, g in gram.items()}
-        print("activation-weighted reconstruction:", {m: tuple(p.shape) for m, p in proj.items()})
+        proj = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
 
     # Description embeddings, once.
@@ -312,9 +312,9 @@ def main(argv=None) -> Path:
             targets = [held_library[n] for n in names]
             with torch.no_grad():
                 net.eval()
-                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets, proj=proj))
+                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets, weight=proj))
                 record["heldout_recon_mismatched"] = float(
-                    reconstruction_loss(net, first.roll(1, 0), targets, proj=proj)
+                    reconstruction_loss(net, first.roll(1, 0), targets, weight=proj)
                 )
                 net.train()
             bar.write(
