@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         sims[enc_name] = torch.nn.functional.normalize((queries - mean) / std, dim=-1) @ keys.T
     proj = None
     if args.weighted:
-        loss_args = train_t2l.parse_args(["--max-input-tokens", "128"])
+        loss_args = train_t2l.parse_args(["--max-input-tokens", "96"])  # as the fits saw them
         gram = library_gram(Path(args.library), model, [tasks[n] for n in names], ["down_proj"], loss_args)
         proj = {m: gram_root(g, k=gram[m].shape[-1]) for m, g in gram.items()}  # exact
     uniform = torch.full((len(lib),), 1 / len(lib))

@@ -14,6 +14,7 @@ from hyperlora_integrations.hypernets import checkpoint as ckpt
 from hyperlora_integrations.lora import delta_sq_distance
 from hyperlora_integrations.testing import tiny_hyperlora_model as make_tiny_model
 from hyperlora_integrations.training.fit_library import fit_task, load_library, save_fit
+from hyperlora_integrations.training.probe_oracle import FittedAdapter
 from hyperlora_integrations.training.tasks import Example, Task
 from hyperlora_integrations.training.train_t2l import reconstruction_loss
 
@@ -74,21 +75,8 @@ def test_reconstruction_loss_is_one_at_zero_and_zero_at_the_target():
     with torch.no_grad():
         zero = float(reconstruction_loss(net, torch.randn(2, 8), [target, target]))
     assert zero == pytest.approx(1.0, abs=1e-5)
-    exact = reconstruction_loss(_Const(target), torch.randn(1, 8), [target])
+    exact = reconstruction_loss(FittedAdapter.holding(target), torch.randn(1, 8), [target])
     assert float(exact) == pytest.approx(0.0, abs=1e-4)
-
-
-class _Const(torch.nn.Module):
-    def __init__(self, adapter):
-        super().__init__()
-        self.adapter = adapter
-
-    def forward(self, emb):
-        n = emb.shape[0]
-        a = self.adapter
-        return {m: v.expand(n, *v.shape) for m, v in a.A.items()}, {
-            m: (v * a.scaling).expand(n, *v.shape) for m, v in a.B.items()
-        }
 
 
 def test_reconstruction_training_cli_learns_the_library(tmp_path):

@@ -54,6 +54,17 @@ class FittedAdapter(nn.Module):
         )
         self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros_like(b)) for m, b in like.B.items()})
 
+    @classmethod
+    def holding(cls, adapter: Adapter) -> FittedAdapter:
+        """One that serves ``adapter`` itself (scaling folded into B): a fixed adapter where a
+        loss expects a network."""
+        fit = cls(adapter)
+        with torch.no_grad():
+            for m in adapter.A:
+                fit.A[m].copy_(adapter.A[m])
+                fit.B[m].copy_(adapter.B[m] * adapter.scaling)
+        return fit
+
     def forward(self, inputs: torch.Tensor):
         """The same adapter for each row of ``inputs`` (document activations or task embeddings)."""
         n = inputs.shape[0]
