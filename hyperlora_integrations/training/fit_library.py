@@ -165,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default="0/1", help="i/n: fit only every n-th task starting at i")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device of the base model and the fits (cpu, cuda)")
     p.add_argument("--max-minutes", type=float, default=0, help="fit no new task after this wall time (0: all)")
     return p.parse_args(argv)
 
@@ -175,7 +176,7 @@ def main(argv=None) -> Path:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = HyperLoRAModel.from_pretrained(d2l=None)
+    model = HyperLoRAModel.from_pretrained(d2l=None, device=args.device)
     train, held = split(load_tasks(seed=args.seed))
     tasks = train if args.split == "train" else held
     like = model.generate_skill("shape only")
@@ -189,7 +190,7 @@ def main(argv=None) -> Path:
         rng = random.Random(f"{args.seed}:{task.name}")
         t0 = time.time()
         adapter, losses = fit_task(model, like, fit_pool(task, args.split == "held", args), args, rng, args.init_seed)
-        save_fit(out, task, args.split, adapter, {**losses, "sec": round(time.time() - t0, 1)})
+        save_fit(out, task, args.split, adapter.to("cpu"), {**losses, "sec": round(time.time() - t0, 1)})
     return out
 
 
