@@ -4,7 +4,7 @@ For every held-out task fitted by ``fit_library --split held``, the relative squ
 its weight delta (``||dW_pred - dW_task||^2 / ||dW_task||^2``, 1 = the zero adapter) under
 predictions that need no hypernetwork:
 
-- ``mean``: the mean delta of all training tasks' fitted adapters;
+- ``mean``: the mean delta of the training tasks' fitted adapters;
 - ``nearest_<encoder>``: the training task whose description is most similar (cosine of
   standardised embeddings, the hypernetwork's input), and ``knn5_<encoder>``: a
   similarity-weighted mean of the five most similar;
@@ -12,22 +12,27 @@ predictions that need no hypernetwork:
 
 If ``nearest``/``knn`` do no better than ``mean``, a hypernetwork regressed onto the library can
 only learn the mean for an unseen description. Mixtures are exact: a weighted sum of deltas is a
-rank-concatenated adapter.
+rank-concatenated adapter. ``--sizes`` repeats the test on random sub-libraries, to see whether
+more training tasks make descriptions more predictive, and plots it.
 
-    python scripts/library_neighbours.py --library runs/t2l-library --out docs/results/library_neighbours.json
     python scripts/library_neighbours.py --weighted --out docs/results/library_neighbours_weighted.json
+    python scripts/library_neighbours.py --out docs/results/library_neighbours.json
 
 ``--weighted`` measures the errors on the deltas' outputs for real activations (the inputs'
-second moments over 2 examples of each library task), not on the raw weights.
+second moments over 2 examples of each library task, ``fit_library.library_gram``), not on the
+raw weights: every A is mapped once by the exact root of those moments, after which the plain
+distance is the weighted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from hyperlora_integrations.encoders.description import description_encoder
 from hyperlora_integrations.lora import Adapter, delta_sq_distance
@@ -36,78 +41,132 @@ from hyperlora_integrations.training import train_t2l
 from hyperlora_integrations.training.fit_library import gram_root, library_gram, load_library
 from hyperlora_integrations.training.tasks import load_tasks
 
+ENCODERS = ("base-mean", "minilm")
 
-def stack(adapters: list[Adapter], weights: torch.Tensor) -> tuple[dict, dict]:
+
+def factors(adapter: Adapter, root: dict | None) -> tuple[dict, dict]:
+    """(A, B) with the scaling in B and, when weighting, A mapped by the activation root."""
+    A = adapter.A if root is None else {m: a @ root[m] for m, a in adapter.A.items()}
+    return A, {m: b * adapter.scaling for m, b in adapter.B.items()}
+
+
+def mix(parts: list[tuple[dict, dict]], weights: list[float]) -> tuple[dict, dict]:
     """The weighted sum of deltas as one rank-concatenated (A, B) per module."""
-    mods = adapters[0].A
-    A = {m: torch.cat([a.A[m] for a in adapters], dim=1) for m in mods}
-    weights = weights.to(adapters[0].B[next(iter(mods))].dtype)
-    B = {m: torch.cat([w * a.B[m] * a.scaling for a, w in zip(adapters, weights)], dim=2) for m in mods}
-    return A, B
+    mods = parts[0][0]
+    return (
+        {m: torch.cat([a[m] for a, _ in parts], dim=1) for m in mods},
+        {m: torch.cat([w * b[m] for (_, b), w in zip(parts, weights)], dim=2) for m in mods},
+    )
 
 
-def rel_error(A: dict, B: dict, target: Adapter, proj: dict | None) -> float:
+def rel_error(pred: tuple[dict, dict], target: tuple[dict, dict]) -> float:
     err = ref = 0.0
-    for m in target.A:
-        tb = target.B[m] * target.scaling
-        d, r = delta_sq_distance(A[m], B[m], target.A[m], tb)
-        if proj is not None:
-            root, tail = proj[m]
-            dw, rw = delta_sq_distance(A[m] @ root, B[m], target.A[m] @ root, tb)
-            d, r = dw + tail * d, rw + tail * r
+    for m in target[0]:
+        d, r = delta_sq_distance(pred[0][m], pred[1][m], target[0][m], target[1][m])
         err, ref = err + float(d.sum()), ref + float(r.sum())
     return err / ref
+
+
+def neighbour_test(idx, names, lib, held, keys, queries, singles) -> dict:
+    """Per held-out task, the errors of the predictions from the library tasks ``idx``."""
+    mean = mix([lib[j] for j in idx], [1 / len(idx)] * len(idx))
+    rows = {}
+    for i, (h, target) in enumerate(held.items()):
+        own = [singles[i][j] for j in idx]
+        row = {"mean": rel_error(mean, target), "best": min(own), "best_task": names[idx[own.index(min(own))]]}
+        for enc in ENCODERS:
+            k = keys[enc][idx]
+            mu, sd = k.mean(0), k.std(0).clamp_min(1e-6)  # standardised as the hypernetwork's input is
+            sims = F.normalize((queries[enc][i] - mu) / sd, dim=-1) @ F.normalize((k - mu) / sd, dim=-1).T
+            top = sims.topk(min(5, len(idx)))
+            near = [idx[int(j)] for j in top.indices]
+            row[f"nearest_{enc}"] = singles[i][near[0]]
+            row[f"nearest_task_{enc}"] = names[near[0]]
+            w = torch.softmax(top.values / 0.1, 0).tolist()
+            row[f"knn5_{enc}"] = rel_error(mix([lib[j] for j in near], w), target)
+        rows[h] = row
+    return rows
+
+
+def average(rows: dict) -> dict:
+    first = next(iter(rows.values()))
+    return {k: sum(r[k] for r in rows.values()) / len(rows) for k, v in first.items() if isinstance(v, float)}
+
+
+def plot(curve: dict, path: Path, weighted: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(int(s) for s in curve)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = {
+        "mean": "mean of the library",
+        "best": "closest library adapter (oracle)",
+        "knn5_minilm": "5 nearest descriptions (MiniLM)",
+        "knn5_base-mean": "5 nearest descriptions (base model)",
+        "nearest_minilm": "nearest description (MiniLM)",
+    }
+    for key, label in labels.items():
+        ax.plot(sizes, [curve[str(s)][key] for s in sizes], marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training tasks in the library")
+    ax.set_ylabel("relative error of the held-out task's delta" + (" (on activations)" if weighted else ""))
+    ax.set_title("Do descriptions predict fitted adapters? (12 held-out tasks)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--library", default="runs/t2l-library")
     p.add_argument("--weighted", action="store_true", help="errors on real activations (the library's gram)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--sizes", default="", help="comma-separated sub-library sizes for the curve, e.g. 23,46,93")
+    p.add_argument("--repeats", type=int, default=3, help="random sub-libraries per size")
+    p.add_argument("--out", default=None, help="JSON; with --sizes also a PNG next to it")
     args = p.parse_args(argv)
-    train, held = load_library(args.library, "train"), load_library(args.library, "held")
+    train, held_lib = load_library(args.library, "train"), load_library(args.library, "held")
     names = list(train)
-    lib = [train[n][0] for n in names]
     tasks = load_tasks()
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
-    sims = {}
-    for enc_name in ("base-mean", "minilm"):
+    keys, queries = {}, {}
+    for enc_name in ENCODERS:
         enc = description_encoder(enc_name, model.model, model.tokenizer)
-        keys = torch.stack([enc.encode_many(tasks[n].descriptions).mean(0) for n in names])
-        mean, std = keys.mean(0), keys.std(0).clamp_min(1e-6)
-        keys = torch.nn.functional.normalize((keys - mean) / std, dim=-1)
-        queries = torch.stack([enc.encode(tasks[h].descriptions[0]) for h in held])
-        sims[enc_name] = torch.nn.functional.normalize((queries - mean) / std, dim=-1) @ keys.T
-    proj = None
+        keys[enc_name] = torch.stack([enc.encode_many(tasks[n].descriptions).mean(0) for n in names])
+        queries[enc_name] = torch.stack([enc.encode(tasks[h].descriptions[0]) for h in held_lib])
+    root = None
     if args.weighted:
         loss_args = train_t2l.parse_args(["--max-input-tokens", "96"])  # as the fits saw them
         gram = library_gram(Path(args.library), model, [tasks[n] for n in names], ["down_proj"], loss_args)
-        proj = {m: gram_root(g, k=gram[m].shape[-1]) for m, g in gram.items()}  # exact
-    uniform = torch.full((len(lib),), 1 / len(lib))
-    mean_A, mean_B = stack(lib, uniform)
-    rows = {}
-    for i, h in enumerate(held):
-        target = held[h][0]
-        singles = [rel_error(a.A, {m: b * a.scaling for m, b in a.B.items()}, target, proj) for a in lib]
-        row = {
-            "mean": rel_error(mean_A, mean_B, target, proj),
-            "best": min(singles),
-            "best_task": names[singles.index(min(singles))],
-        }
-        for enc_name, s in sims.items():
-            top = s[i].topk(5)
-            row[f"nearest_{enc_name}"] = singles[int(top.indices[0])]
-            row[f"nearest_task_{enc_name}"] = names[int(top.indices[0])]
-            w = torch.softmax(top.values / 0.1, 0)
-            row[f"knn5_{enc_name}"] = rel_error(*stack([lib[int(j)] for j in top.indices], w), target, proj)
-        rows[h] = row
-    keys = [k for k in next(iter(rows.values())) if not k.endswith("task") and "task_" not in k]
-    summary = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
-    summary["library_tasks"] = len(lib)
-    print(json.dumps({"summary": summary, "tasks": rows}, indent=1))
+        root = {m: gram_root(g, k=g.shape[-1])[0] for m, g in gram.items()}  # full rank: exact
+    lib = [factors(train[n][0], root) for n in names]
+    held = {h: factors(a, root) for h, (a, _) in held_lib.items()}
+    singles = [[rel_error(a, target) for a in lib] for target in held.values()]
+
+    rows = neighbour_test(list(range(len(names))), names, lib, held, keys, queries, singles)
+    result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}
+    if args.sizes:
+        rng = random.Random(0)
+        curve = {str(len(names)): result["summary"]}
+        for size in (int(s) for s in args.sizes.split(",")):
+            runs = [
+                average(
+                    neighbour_test(
+                        sorted(rng.sample(range(len(names)), size)), names, lib, held, keys, queries, singles
+                    )
+                )
+                for _ in range(args.repeats)
+            ]
+            curve[str(size)] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        result["by_library_size"] = curve
+    print(json.dumps(result["summary"] | {"by_library_size": result.get("by_library_size")}, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps({"summary": summary, "tasks": rows}, indent=1))
-    return summary
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.sizes:
+            plot(result["by_library_size"], Path(args.out).with_suffix(".png"), args.weighted)
+    return result
 
 
 if __name__ == "__main__":
