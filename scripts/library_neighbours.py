@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     train, held_lib = load_library(args.library, "train"), load_library(args.library, "held")
     names = list(train)
-    tasks = load_tasks()
+    tasks = load_tasks(extended=True)  # a library may hold extended tasks
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     keys, queries = {}, {}
     for enc_name in ENCODERS:

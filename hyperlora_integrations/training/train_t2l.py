@@ -78,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny random base model (tests)")
     p.add_argument("--tasks-json", default=None, help="JSON list of tasks instead of the real data")
+    p.add_argument(
+        "--extended-tasks",
+        action="store_true",
+        help="also train on BIG-bench subtasks and MMLU subjects (tasks.extended_tasks; same held-out set)",
+    )
     return p.parse_args(argv)
 
 
@@ -197,7 +202,7 @@ def main(argv=None) -> Path:
     else:
         from .tasks import load_tasks, split
 
-        train, held = split(load_tasks(seed=args.seed))
+        train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks))
     library, held_library = {}, {}
     if args.reconstruct:
         from .fit_library import load_library
