@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 
@@ -47,8 +46,10 @@ def test_delta_distance_is_exact_and_ignores_the_factorisation():
     assert float(same.max()) < 1e-3 * float(ref.max())
 
 
-def _fit_args(**kw):
-    return argparse.Namespace(**{"steps": 30, "batch": 2, "lr": 1e-2, "max_input_tokens": 32, **kw})
+def _fit(model, like, task, steps: int = 30):
+    return fit_task(
+        model, like, task.examples, random.Random(0), steps=steps, batch=2, lr=1e-2, max_input_tokens=32, seed=0
+    )
 
 
 def test_fitted_library_round_trips_by_split(tmp_path):
@@ -57,7 +58,7 @@ def test_fitted_library_round_trips_by_split(tmp_path):
     like = model.generate_skill("shape only")
     fits = {}
     for split_name, task in zip(("train", "held"), TASKS):
-        adapter, losses = fit_task(model, like, task.examples, _fit_args(), random.Random(0), seed=0)
+        adapter, losses = _fit(model, like, task)
         assert losses["last5"] < losses["first5"] - 0.3  # the fit learns the task
         save_fit(tmp_path, task, split_name, adapter, losses)
         fits[task.name] = adapter
@@ -89,7 +90,7 @@ def test_reconstruction_training_cli_learns_the_library(tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     for task in TASKS:
-        adapter, losses = fit_task(model, like, task.examples, _fit_args(steps=10), random.Random(0), seed=0)
+        adapter, losses = _fit(model, like, task, steps=10)
         save_fit(lib, task, "train", adapter, losses)
     tasks_json = tmp_path / "tasks.json"
     tasks_json.write_text(

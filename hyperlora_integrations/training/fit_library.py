@@ -38,19 +38,32 @@ from .tasks import Example, Task, load_tasks, split
 from .train_t2l import sft_loss
 
 
-def fit_task(model: HyperLoRAModel, like: Adapter, pool: list[Example], args, rng: random.Random, seed: int):
+def fit_task(
+    model: HyperLoRAModel,
+    like: Adapter,
+    pool: list[Example],
+    rng: random.Random,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    max_input_tokens: int,
+    seed: int | None = None,
+):
     """One adapter shaped like ``like``, fitted with the T2L training loss on ``pool``.
 
-    Returns (adapter, {first5, last5}: mean CE of the first and last five steps).
+    ``seed`` fixes the initial A (None: the global torch generator's next draw). Returns
+    (adapter, {first5, last5}: mean CE of the first and last five steps).
     """
-    fit_args = train_t2l.parse_args(["--max-input-tokens", str(args.max_input_tokens)])
-    torch.manual_seed(seed)  # the same A for every task fitted with this seed
+    fit_args = train_t2l.parse_args(["--max-input-tokens", str(max_input_tokens)])
+    if seed is not None:
+        torch.manual_seed(seed)
     fit = FittedAdapter(like)
-    opt = torch.optim.Adam(fit.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(fit.parameters(), lr=lr)
     losses = []
-    for _ in range(args.steps):
-        batch = rng.sample(pool, min(args.batch, len(pool)))
-        ce, _l2 = sft_loss(model, fit, torch.zeros(len(batch), 1), batch, fit_args, fit_args.label_smoothing)
+    for _ in range(steps):
+        rows = rng.sample(pool, min(batch, len(pool)))
+        ce, _l2 = sft_loss(model, fit, torch.zeros(len(rows), 1), rows, fit_args, fit_args.label_smoothing)
         ce.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -190,7 +203,18 @@ def main(argv=None) -> Path:
             break
         rng = random.Random(f"{args.seed}:{task.name}")
         t0 = time.time()
-        adapter, losses = fit_task(model, like, fit_pool(task, args.split == "held", args), args, rng, args.init_seed)
+        pool = fit_pool(task, args.split == "held", args)
+        adapter, losses = fit_task(
+            model,
+            like,
+            pool,
+            rng,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            max_input_tokens=args.max_input_tokens,
+            seed=args.init_seed,
+        )
         save_fit(out, task, args.split, adapter.to("cpu"), {**losses, "sec": round(time.time() - t0, 1)})
     return out
 

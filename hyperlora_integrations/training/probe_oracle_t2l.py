@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 from ..model import HyperLoRAModel
 from . import train_t2l
 from .eval_t2l import condition_summary, difference, run_task
-from .probe_oracle import FittedAdapter
+from .fit_library import fit_task
 from .tasks import load_tasks, split
-from .train_t2l import sft_loss
 
 
 def main(argv=None) -> dict:
@@ -63,18 +62,17 @@ def main(argv=None) -> dict:
         n = n_eval[task.name]
         pool = task.examples[n : n + args.fit_examples]
         generated[task.name] = model.generate_skill(task.descriptions[0])
-        fit = FittedAdapter(generated[task.name])
-        opt = torch.optim.Adam(fit.parameters(), lr=args.lr)
-        losses = []
-        for _ in range(args.steps):
-            batch = rng.sample(pool, min(args.batch, len(pool)))
-            ce, _l2 = sft_loss(model, fit, torch.zeros(len(batch), 1), batch, fit_args, fit_args.label_smoothing)
-            ce.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(ce.detach()))
-        fitted[task.name] = fit.adapter()
-        fit_loss[task.name] = {"first5": sum(losses[:5]) / 5, "last5": sum(losses[-5:]) / 5, "examples": len(pool)}
+        fitted[task.name], losses = fit_task(
+            model,
+            generated[task.name],
+            pool,
+            rng,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            max_input_tokens=fit_args.max_input_tokens,
+        )
+        fit_loss[task.name] = {**losses, "examples": len(pool)}
 
     per_task = {}
     for i, task in enumerate(tqdm(held, desc="eval fitted adapters", unit="task")):
