@@ -112,7 +112,7 @@ def plot(curve: dict, path: Path, weighted: bool) -> None:
         ax.plot(sizes, [curve[str(s)][key] for s in sizes], marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("training tasks in the library")
-    ax.set_ylabel("relative error of the held-out task's delta" + (" (on activations)" if weighted else ""))
+    ax.set_ylabel("relative error of held-out deltas" + (" (on activations)" if weighted else ""), fontsize=9)
     ax.set_title("Do descriptions predict fitted adapters? (12 held-out tasks)")
     ax.legend(fontsize=8)
     fig.tight_layout()
