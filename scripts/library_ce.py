@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hyperlora_integrations.hypernets import checkpoint as ckpt
-from hyperlora_integrations.lora import Adapter
+from hyperlora_integrations.lora import Adapter, concat
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
 from hyperlora_integrations.training.fit_library import load_library
@@ -33,11 +33,7 @@ from hyperlora_integrations.training.tasks import load_tasks, split
 
 def mean_adapter(adapters: list[Adapter]) -> Adapter:
     """The mean of the deltas, exactly, as one adapter of the summed rank."""
-    n, mods = len(adapters), adapters[0].A
-    return Adapter(
-        {m: torch.cat([a.A[m] for a in adapters], 1) for m in mods},
-        {m: torch.cat([a.B[m] * a.scaling / n for a in adapters], 2) for m in mods},
-    )
+    return concat([Adapter(a.A, a.B, scaling=a.scaling / len(adapters)) for a in adapters])
 
 
 def main(argv=None) -> dict:

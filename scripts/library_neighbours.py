@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperlora_integrations.encoders.description import description_encoder
-from hyperlora_integrations.lora import Adapter, delta_sq_distance
+from hyperlora_integrations.lora import Adapter, concat, delta_sq_distance
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
 from hyperlora_integrations.training.fit_library import gram_root, library_gram, load_library
@@ -44,25 +44,24 @@ from hyperlora_integrations.training.tasks import load_tasks
 ENCODERS = ("base-mean", "minilm")
 
 
-def factors(adapter: Adapter, root: dict | None) -> tuple[dict, dict]:
-    """(A, B) with the scaling in B and, when weighting, A mapped by the activation root."""
-    A = adapter.A if root is None else {m: a @ root[m] for m, a in adapter.A.items()}
-    return A, {m: b * adapter.scaling for m, b in adapter.B.items()}
+def mapped(adapter: Adapter, root: dict | None) -> Adapter:
+    """``adapter`` with A mapped by the activation root, when weighting: the plain delta distance
+    of mapped adapters is the activation-weighted one of the originals."""
+    if root is None:
+        return adapter
+    return Adapter({m: a @ root[m] for m, a in adapter.A.items()}, adapter.B, scaling=adapter.scaling)
 
 
-def mix(parts: list[tuple[dict, dict]], weights: list[float]) -> tuple[dict, dict]:
-    """The weighted sum of deltas as one rank-concatenated (A, B) per module."""
-    mods = parts[0][0]
-    return (
-        {m: torch.cat([a[m] for a, _ in parts], dim=1) for m in mods},
-        {m: torch.cat([w * b[m] for (_, b), w in zip(parts, weights)], dim=2) for m in mods},
-    )
+def mix(adapters: list[Adapter], weights: list[float]) -> Adapter:
+    """The weighted sum of deltas, exactly: a rank-concatenated adapter."""
+    return concat([Adapter(a.A, a.B, scaling=a.scaling * w) for a, w in zip(adapters, weights)])
 
 
-def rel_error(pred: tuple[dict, dict], target: tuple[dict, dict]) -> float:
+def rel_error(pred: Adapter, target: Adapter) -> float:
+    (pa, pb), (ta, tb) = pred.folded(), target.folded()
     err = ref = 0.0
-    for m in target[0]:
-        d, r = delta_sq_distance(pred[0][m], pred[1][m], target[0][m], target[1][m])
+    for m in ta:
+        d, r = delta_sq_distance(pa[m], pb[m], ta[m], tb[m])
         err, ref = err + float(d.sum()), ref + float(r.sum())
     return err / ref
 
@@ -141,8 +140,8 @@ def main(argv=None) -> dict:
         loss_args = train_t2l.parse_args(["--max-input-tokens", "96"])  # as the fits saw them
         gram = library_gram(Path(args.library), model, [tasks[n] for n in names], ["down_proj"], loss_args)
         root = {m: gram_root(g, k=g.shape[-1])[0] for m, g in gram.items()}  # full rank: exact
-    lib = [factors(train[n][0], root) for n in names]
-    held = {h: factors(a, root) for h, (a, _) in held_lib.items()}
+    lib = [mapped(train[n][0], root) for n in names]
+    held = {h: mapped(a, root) for h, (a, _) in held_lib.items()}
     singles = [[rel_error(a, target) for a in lib] for target in held.values()]
 
     rows = neighbour_test(list(range(len(names))), names, lib, held, keys, queries, singles)

@@ -7,8 +7,9 @@ hypernetwork's output onto a library of per-task adapters. This writes that libr
 
 Every fit starts from the same random A (``--init-seed``) and B = 0. A still moves (on the
 default model by about 0.7 of its norm in 20 steps), so adapters are compared and regressed
-by their weight deltas ``B @ A`` (``lora.delta_sq_distance``), never factor by factor. Held-out tasks are fitted only on examples after the ones
-``hyperlora eval t2l`` scores, and only for analysis: reconstruction training never reads them.
+by their weight deltas ``B @ A`` (``lora.delta_sq_distance``), never factor by factor.
+Held-out tasks are fitted only on examples after the ones ``hyperlora eval t2l`` scores, and
+only for analysis: reconstruction training never reads them.
 
     python -m hyperlora_integrations.training.fit_library --split train --threads 2 --out runs/t2l-library
     python -m hyperlora_integrations.training.fit_library --split held --threads 2 --out runs/t2l-library

@@ -9,8 +9,8 @@ Description embeddings come from the frozen base model and are computed once up 
 ``--reconstruct LIBRARY`` trains by reconstruction instead, as the published design also does:
 the generated adapter of each sampled description is regressed onto its task's adapter fitted
 by gradient descent (``fit_library``), measured as the relative squared error of the weight
-deltas. No pass through the base model is needed, so a step costs milliseconds, not seconds;
-``--init`` then continues by SFT from the reconstructed checkpoint.
+deltas. No pass through the base model is needed: a step of 8 tasks costs ~0.5 s on this CPU
+where an SFT step costs ~8 s. ``--init`` then continues by SFT from the reconstructed checkpoint.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="folder of per-task fitted adapters (fit_library): train by reconstruction instead of SFT",
     )
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the task embedding (reconstruction)")
     p.add_argument(
         "--weighted",
         action="store_true",
@@ -150,17 +149,13 @@ def contrastive_sft_loss(model, net, emb, negative_emb, examples: list[Example],
     return ce, l2, hinge, gap.mean().detach()
 
 
-def reconstruction_loss(
-    net, emb: torch.Tensor, targets: list[Adapter], dropout: float = 0.0, weight: dict | None = None
-) -> torch.Tensor:
+def reconstruction_loss(net, emb: torch.Tensor, targets: list[Adapter], weight: dict | None = None) -> torch.Tensor:
     """Relative squared error of each generated delta against its target, summed over layers and
     modules, averaged over the batch (0: exact, 1: as far as the zero adapter).
 
     ``weight``: per module, ``gram_root``'s ``(S, tail)`` with ``E[x x'] ~= S S' + tail I``: the
     error is then the one on the deltas' outputs for real activations, not on raw weights.
     """
-    if dropout:
-        emb = F.dropout(emb, dropout)
     A, B = net(emb)
     err = ref = 0.0
     for m in A:
@@ -212,12 +207,12 @@ def main(argv=None) -> Path:
         train = [t for t in train if t.name in library]
         if not train:
             raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
-    proj = None
+    weight = None
     if args.reconstruct and args.weighted:
         from .fit_library import gram_root, library_gram
 
         gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
-        proj = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
+        weight = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
 
     # Description embeddings, once.
@@ -261,7 +256,7 @@ def main(argv=None) -> Path:
         if library:
             # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
             picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in tasks])
-            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], args.dropout, proj)
+            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], weight)
             l2 = torch.zeros(())
         else:
             rows, negatives, examples = [], [], []
@@ -317,10 +312,8 @@ def main(argv=None) -> Path:
             targets = [held_library[n] for n in names]
             with torch.no_grad():
                 net.eval()
-                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets, weight=proj))
-                record["heldout_recon_mismatched"] = float(
-                    reconstruction_loss(net, first.roll(1, 0), targets, weight=proj)
-                )
+                record["heldout_recon_matched"] = float(reconstruction_loss(net, first, targets, weight))
+                record["heldout_recon_mismatched"] = float(reconstruction_loss(net, first.roll(1, 0), targets, weight))
                 net.train()
             bar.write(
                 f"step {step + 1}: held-out reconstruction error matched {record['heldout_recon_matched']:.3f} "
