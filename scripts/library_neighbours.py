@@ -4,7 +4,9 @@ For every held-out task fitted by ``fit_library --split held``, the relative squ
 its weight delta (``||dW_pred - dW_task||^2 / ||dW_task||^2``, 1 = the zero adapter) under
 predictions that need no hypernetwork:
 
-- ``mean``: the mean delta of the training tasks' fitted adapters;
+- ``mean``: the mean delta of the training tasks' fitted adapters; ``kind_mean``: the same over
+  the training tasks of the held-out task's kind (multiple choice or generation), a measure
+  of how much of an adapter is answer format;
 - ``nearest_<encoder>``: the training task whose description is most similar (cosine of
   standardised embeddings, the hypernetwork's input), and ``knn5_<encoder>``: a
   similarity-weighted mean of the five most similar;
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,13 +69,20 @@ def rel_error(pred: Adapter, target: Adapter) -> float:
     return err / ref
 
 
-def neighbour_test(idx, names, lib, held, keys, queries, singles) -> dict:
-    """Per held-out task, the errors of the predictions from the library tasks ``idx``."""
+def neighbour_test(idx, names, lib, held, keys, queries, singles, kinds) -> dict:
+    """Per held-out task, the errors of the predictions from the library tasks ``idx``.
+
+    ``kinds``: task name -> "mc" / "gen", for the library and the held-out tasks."""
     mean = mix([lib[j] for j in idx], [1 / len(idx)] * len(idx))
+    by_kind = {}
+    for kind in {kinds[h] for h in held}:
+        same = [j for j in idx if kinds[names[j]] == kind]
+        by_kind[kind] = mix([lib[j] for j in same], [1 / len(same)] * len(same))
     rows = {}
     for i, (h, target) in enumerate(held.items()):
         own = [singles[i][j] for j in idx]
-        row = {"mean": rel_error(mean, target), "best": min(own), "best_task": names[idx[own.index(min(own))]]}
+        row = {"mean": rel_error(mean, target), "kind_mean": rel_error(by_kind[kinds[h]], target)}
+        row |= {"best": min(own), "best_task": names[idx[own.index(min(own))]]}
         for enc in ENCODERS:
             k = keys[enc][idx]
             mu, sd = k.mean(0), k.std(0).clamp_min(1e-6)  # standardised as the hypernetwork's input is
@@ -102,6 +112,7 @@ def plot(curve: dict, path: Path, weighted: bool) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     labels = {
         "mean": "mean of the library",
+        "kind_mean": "mean of the library's tasks of the same kind",
         "best": "closest library adapter (oracle)",
         "knn5_minilm": "5 nearest descriptions (MiniLM)",
         "knn5_base-mean": "5 nearest descriptions (base model)",
@@ -143,24 +154,25 @@ def main(argv=None) -> dict:
     lib = [mapped(train[n][0], root) for n in names]
     held = {h: mapped(a, root) for h, (a, _) in held_lib.items()}
     singles = [[rel_error(a, target) for a in lib] for target in held.values()]
+    kinds = {n: info["kind"] for split_lib in (train, held_lib) for n, (_, info) in split_lib.items()}
+    test = partial(
+        neighbour_test, names=names, lib=lib, held=held, keys=keys, queries=queries, singles=singles, kinds=kinds
+    )
 
-    rows = neighbour_test(list(range(len(names))), names, lib, held, keys, queries, singles)
+    rows = test(list(range(len(names))))
     result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}
+    default = set(load_tasks())  # the task set without --extended-tasks
+    if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
+        idx = [j for j, n in enumerate(names) if n in default]
+        result["default_tasks"] = {**average(test(idx)), "library_tasks": len(idx)}
     if args.sizes:
         rng = random.Random(0)
         curve = {str(len(names)): result["summary"]}
         for size in (int(s) for s in args.sizes.split(",")):
-            runs = [
-                average(
-                    neighbour_test(
-                        sorted(rng.sample(range(len(names)), size)), names, lib, held, keys, queries, singles
-                    )
-                )
-                for _ in range(args.repeats)
-            ]
+            runs = [average(test(sorted(rng.sample(range(len(names)), size)))) for _ in range(args.repeats)]
             curve[str(size)] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
         result["by_library_size"] = curve
-    print(json.dumps(result["summary"] | {"by_library_size": result.get("by_library_size")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "tasks"}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         if args.sizes:

@@ -146,3 +146,20 @@ def test_weighted_distance_is_the_output_difference_on_real_activations():
         rest, _ = delta_sq_distance(A[0], B[0], A[1], B[1])
         approx = float((top + tail * rest).sum())
         assert approx == pytest.approx(float(direct), rel=1e-3 if k == d_in else 0.3)
+
+
+def test_library_gram_is_cached_per_task_set(tmp_path):
+    """A grown library must not reuse the second moments of the smaller one; the same set in
+    another order must (callers list tasks in different orders)."""
+    from hyperlora_integrations.training import train_t2l
+    from hyperlora_integrations.training.fit_library import library_gram
+
+    model = make_tiny_model(seed=2)
+    args = train_t2l.parse_args(["--max-input-tokens", "32"])
+    one = library_gram(tmp_path, model, TASKS[:1], ["down_proj"], args)
+    both = library_gram(tmp_path, model, TASKS, ["down_proj"], args)
+    assert len(list(tmp_path.glob("gram-*.safetensors"))) == 2
+    assert not torch.allclose(one["down_proj"], both["down_proj"])
+    again = library_gram(tmp_path, model, TASKS[::-1], ["down_proj"], args)
+    assert len(list(tmp_path.glob("gram-*.safetensors"))) == 2
+    assert torch.equal(again["down_proj"], both["down_proj"])

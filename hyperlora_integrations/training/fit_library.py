@@ -23,6 +23,7 @@ two-thread process on this CPU).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -122,16 +123,24 @@ def gram_root(gram: torch.Tensor, k: int = 256) -> tuple[torch.Tensor, torch.Ten
 
 def library_gram(folder: Path, model: HyperLoRAModel, tasks: list[Task], modules: list[str], args) -> dict:
     """The input second moments of the library's training tasks (2 examples each), cached in
-    ``folder/gram.safetensors``."""
+    ``folder/gram-<key>.safetensors``.
+
+    The key names the task set, the modules and the input cut, so a library that grew (or a
+    run over part of it) never reads second moments of another task set. Tasks are visited in
+    name order, so the same set gives the same moments whichever caller computes them first.
+    """
     from safetensors.torch import load_file, save_file
 
-    path = Path(folder) / "gram.safetensors"
+    tasks = sorted(tasks, key=lambda t: t.name)
+    spec = {"tasks": [t.name for t in tasks], "modules": sorted(modules), "max_input_tokens": args.max_input_tokens}
+    key = hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]
+    path = Path(folder) / f"gram-{key}.safetensors"
     if path.exists():
         return load_file(str(path))
     rng = random.Random(0)
     examples = [ex for t in tasks for ex in rng.sample(t.examples, min(2, len(t.examples)))]
     gram = input_gram(model, examples, modules, args)
-    save_file({m: g.contiguous() for m, g in gram.items()}, str(path))
+    save_file({m: g.contiguous() for m, g in gram.items()}, str(path), metadata={"spec": json.dumps(spec)})
     return gram
 
 
