@@ -10,11 +10,16 @@ predictions that need no hypernetwork:
 - ``nearest_<encoder>``: the training task whose description is most similar (cosine of
   standardised embeddings, the hypernetwork's input), and ``knn5_<encoder>``: a
   similarity-weighted mean of the five most similar;
+- ``ridge_<encoder>``: kernel ridge regression of the deltas on the description features with
+  the library mean as intercept, lambda chosen by leave-one-group-out on the library (subtasks
+  of one BIG-bench parent, and the MMLU subjects, form a group): the best a hypernetwork with a
+  linear head on these features could do, in closed form;
 - ``best``: the training task whose adapter is closest (an oracle, the floor for a single pick).
 
-If ``nearest``/``knn`` do no better than ``mean``, a hypernetwork regressed onto the library can
-only learn the mean for an unseen description. Mixtures are exact: a weighted sum of deltas is a
-rank-concatenated adapter. ``--sizes`` repeats the test on random sub-libraries, to see whether
+If none of the description-based predictions does better than ``mean``, a hypernetwork
+regressed onto the library can only learn the mean for an unseen description. Every
+prediction is a weighted sum of library deltas, so all errors come exactly from one matrix of
+inner products of the deltas (``lora.delta_inner_matrix``). ``--sizes`` repeats the test on random sub-libraries, to see whether
 more training tasks make descriptions more predictive, and plots it.
 
     python scripts/library_neighbours.py --weighted --out docs/results/library_neighbours_weighted.json
@@ -38,61 +43,103 @@ import torch
 import torch.nn.functional as F
 
 from hyperlora_integrations.encoders.description import description_encoder
-from hyperlora_integrations.lora import Adapter, concat, delta_sq_distance
+from hyperlora_integrations.lora import Adapter, delta_inner_matrix
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
 from hyperlora_integrations.training.fit_library import gram_root, library_gram, load_library
 from hyperlora_integrations.training.tasks import load_tasks
 
 ENCODERS = ("base-mean", "minilm")
+LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def mapped(adapter: Adapter, root: dict | None) -> Adapter:
-    """``adapter`` with A mapped by the activation root, when weighting: the plain delta distance
-    of mapped adapters is the activation-weighted one of the originals."""
-    if root is None:
-        return adapter
-    return Adapter({m: a @ root[m] for m, a in adapter.A.items()}, adapter.B, scaling=adapter.scaling)
+def stacked(adapters: list[Adapter], root: dict | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, A (N, L, r, d_in) and B (N, L, d_out, r) with the scaling folded into B and,
+    when weighting, A mapped by the activation root: the plain inner product of mapped deltas is
+    the activation-weighted one of the originals."""
+    folded = [a.folded() for a in adapters]
+    out = {}
+    for m in folded[0][0]:
+        a = torch.stack([fa[m] for fa, _ in folded])
+        out[m] = (a if root is None else a @ root[m], torch.stack([fb[m] for _, fb in folded]))
+    return out
 
 
-def mix(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """The weighted sum of deltas, exactly: a rank-concatenated adapter."""
-    return concat([Adapter(a.A, a.B, scaling=a.scaling * w) for a, w in zip(adapters, weights)])
+def group_of(name: str) -> str:
+    """Tasks that are near-copies of each other (subtasks of one BIG-bench parent, MMLU
+    subjects) share a group; a held-out task is never in a training task's group."""
+    return name if name.startswith("ni/") or "/" not in name else name.split("/")[0]
 
 
-def rel_error(pred: Adapter, target: Adapter) -> float:
-    (pa, pb), (ta, tb) = pred.folded(), target.folded()
-    err = ref = 0.0
-    for m in ta:
-        d, r = delta_sq_distance(pa[m], pb[m], ta[m], tb[m])
-        err, ref = err + float(d.sum()), ref + float(r.sum())
-    return err / ref
+def errors(coef: torch.Tensor, gram: torch.Tensor, lib_idx: list[int], target: int) -> float:
+    """Relative squared error of the library mixture ``coef`` (over ``lib_idx``) against ``target``."""
+    g = gram[lib_idx][:, lib_idx]
+    c = coef.double()
+    err = c @ g @ c - 2 * c @ gram[lib_idx, target] + gram[target, target]
+    return float(err / gram[target, target])
 
 
-def neighbour_test(idx, names, lib, held, keys, queries, singles, kinds) -> dict:
+def ridge(phi: torch.Tensor, query: torch.Tensor, lam: float) -> torch.Tensor:
+    """Kernel ridge regression of the deltas on the description features, with the library mean
+    as intercept: the prediction's coefficients over the library (a linear map from description
+    to adapter, fitted in closed form: what a hypernetwork with a linear head could learn)."""
+    n = phi.shape[0]
+    alpha = torch.linalg.solve(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype), phi @ query)
+    return alpha + (1 - alpha.sum()) / n
+
+
+def logo_error(phi: torch.Tensor, g: torch.Tensor, groups: list[str], lam: float) -> float:
+    """Leave-one-group-out relative error of ``ridge`` on the library itself (closed form per
+    group), so lambda is chosen without looking at held-out tasks."""
+    n = phi.shape[0]
+    hat = phi @ phi.T @ torch.linalg.inv(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype))
+    centre = torch.eye(n, dtype=phi.dtype) - 1.0 / n
+    resid = (torch.eye(n, dtype=phi.dtype) - hat) @ centre  # in-sample residual coefficients
+    total = 0.0
+    for grp in sorted(set(groups)):
+        rows = [i for i, x in enumerate(groups) if x == grp]
+        loo = torch.linalg.solve(torch.eye(len(rows), dtype=phi.dtype) - hat[rows][:, rows], resid[rows])
+        total += float((torch.einsum("in,nm,im->i", loo, g, loo) / g.diagonal()[rows]).sum())
+    return total / n
+
+
+def neighbour_test(idx, names, gram, held_idx, feats, kinds) -> dict:
     """Per held-out task, the errors of the predictions from the library tasks ``idx``.
 
-    ``kinds``: task name -> "mc" / "gen", for the library and the held-out tasks."""
-    mean = mix([lib[j] for j in idx], [1 / len(idx)] * len(idx))
-    by_kind = {}
-    for kind in {kinds[h] for h in held}:
-        same = [j for j in idx if kinds[names[j]] == kind]
-        by_kind[kind] = mix([lib[j] for j in same], [1 / len(same)] * len(same))
+    ``gram``: inner products of all deltas (library first, then held-out tasks, at
+    ``held_idx``); ``feats[enc]``: description embeddings (library and held-out rows alike); ``kinds``: "mc" / "gen" per task name."""
+    n = len(idx)
+    mean = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    g = gram[idx][:, idx]
+    phis = {}
+    for enc in ENCODERS:  # standardised with this library's statistics, as the hypernetwork's input is
+        k = feats[enc][idx]
+        mu, sd = k.mean(0), k.std(0).clamp_min(1e-6)
+        phis[enc] = F.normalize((feats[enc] - mu) / sd, dim=-1).double()
     rows = {}
-    for i, (h, target) in enumerate(held.items()):
-        own = [singles[i][j] for j in idx]
-        row = {"mean": rel_error(mean, target), "kind_mean": rel_error(by_kind[kinds[h]], target)}
-        row |= {"best": min(own), "best_task": names[idx[own.index(min(own))]]}
+    lams = {}
+    for enc in ENCODERS:
+        phi = phis[enc][idx]
+        logo = {lam: logo_error(phi, g, [group_of(names[j]) for j in idx], lam) for lam in LAMBDAS}
+        lams[enc] = (min(logo, key=logo.get), logo)
+    for h, t in held_idx.items():
+        single = ((g.diagonal() - 2 * gram[idx, t] + gram[t, t]) / gram[t, t]).tolist()
+        same = torch.tensor([kinds[names[j]] == kinds[h] for j in idx], dtype=torch.float64)
+        row = {"mean": errors(mean, gram, idx, t), "kind_mean": errors(same / same.sum(), gram, idx, t)}
+        row |= {"best": min(single), "best_task": names[idx[single.index(min(single))]]}
         for enc in ENCODERS:
-            k = keys[enc][idx]
-            mu, sd = k.mean(0), k.std(0).clamp_min(1e-6)  # standardised as the hypernetwork's input is
-            sims = F.normalize((queries[enc][i] - mu) / sd, dim=-1) @ F.normalize((k - mu) / sd, dim=-1).T
-            top = sims.topk(min(5, len(idx)))
-            near = [idx[int(j)] for j in top.indices]
-            row[f"nearest_{enc}"] = singles[i][near[0]]
-            row[f"nearest_task_{enc}"] = names[near[0]]
-            w = torch.softmax(top.values / 0.1, 0).tolist()
-            row[f"knn5_{enc}"] = rel_error(mix([lib[j] for j in near], w), target)
+            phi, q = phis[enc][idx], phis[enc][t]
+            top = (phi @ q).topk(min(5, n))
+            row[f"nearest_{enc}"] = single[int(top.indices[0])]
+            row[f"nearest_task_{enc}"] = names[idx[int(top.indices[0])]]
+            knn = torch.zeros(n, dtype=torch.float64)
+            knn[top.indices] = torch.softmax(top.values / 0.1, 0)
+            row[f"knn5_{enc}"] = errors(knn, gram, idx, t)
+            lam, logo = lams[enc]
+            row[f"ridge_{enc}"] = errors(ridge(phi, q, lam), gram, idx, t)
+            row[f"ridge_lambda_{enc}"] = lam
+            for other in LAMBDAS:  # the whole path, for the record (hindsight, not a result)
+                row[f"ridge_{enc}@{other:g}"] = errors(ridge(phi, q, other), gram, idx, t)
         rows[h] = row
     return rows
 
@@ -141,23 +188,23 @@ def main(argv=None) -> dict:
     names = list(train)
     tasks = load_tasks(extended=True)  # a library may hold extended tasks
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
-    keys, queries = {}, {}
+    held_names = list(held_lib)
+    everything = [train[n][0] for n in names] + [held_lib[h][0] for h in held_names]
+    feats = {}
     for enc_name in ENCODERS:
         enc = description_encoder(enc_name, model.model, model.tokenizer)
-        keys[enc_name] = torch.stack([enc.encode_many(tasks[n].descriptions).mean(0) for n in names])
-        queries[enc_name] = torch.stack([enc.encode(tasks[h].descriptions[0]) for h in held_lib])
+        keys = torch.stack([enc.encode_many(tasks[n].descriptions).mean(0) for n in names])
+        queries = torch.stack([enc.encode(tasks[h].descriptions[0]) for h in held_names])
+        feats[enc_name] = torch.cat([keys, queries])
     root = None
     if args.weighted:
         loss_args = train_t2l.parse_args(["--max-input-tokens", "96"])  # as the fits saw them
         gram = library_gram(Path(args.library), model, [tasks[n] for n in names], ["down_proj"], loss_args)
         root = {m: gram_root(g, k=g.shape[-1])[0] for m, g in gram.items()}  # full rank: exact
-    lib = [mapped(train[n][0], root) for n in names]
-    held = {h: mapped(a, root) for h, (a, _) in held_lib.items()}
-    singles = [[rel_error(a, target) for a in lib] for target in held.values()]
+    inner = sum(delta_inner_matrix(a, b) for a, b in stacked(everything, root).values())
+    held_idx = {h: len(names) + i for i, h in enumerate(held_names)}
     kinds = {n: info["kind"] for split_lib in (train, held_lib) for n, (_, info) in split_lib.items()}
-    test = partial(
-        neighbour_test, names=names, lib=lib, held=held, keys=keys, queries=queries, singles=singles, kinds=kinds
-    )
+    test = partial(neighbour_test, names=names, gram=inner, held_idx=held_idx, feats=feats, kinds=kinds)
 
     rows = test(list(range(len(names))))
     result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}

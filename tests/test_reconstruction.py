@@ -163,3 +163,16 @@ def test_library_gram_is_cached_per_task_set(tmp_path):
     again = library_gram(tmp_path, model, TASKS[::-1], ["down_proj"], args)
     assert len(list(tmp_path.glob("gram-*.safetensors"))) == 2
     assert torch.equal(again["down_proj"], both["down_proj"])
+
+
+def test_delta_inner_matrix_matches_pairwise_distances():
+    from hyperlora_integrations.lora import delta_inner_matrix
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3, 4, 12), torch.randn(5, 3, 10, 4)
+    g = delta_inner_matrix(a, b)
+    deltas = (b @ a).double()  # (N, L, d_out, d_in)
+    direct = torch.einsum("nlij,mlij->nm", deltas, deltas)
+    assert torch.allclose(g, direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
+    dist, _ = delta_sq_distance(a[1], b[1], a[3], b[3])
+    assert float(g[1, 1] + g[3, 3] - 2 * g[1, 3]) == pytest.approx(float(dist.sum()), rel=1e-4)

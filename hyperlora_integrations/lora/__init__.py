@@ -3,7 +3,7 @@
 from .adapter import Adapter, AdapterMetadata, concat, content_hash
 from .compress import compress, retained_energy
 from .config import LoraSpec
-from .distance import delta_sq_distance
+from .distance import delta_inner_matrix, delta_sq_distance
 from .layer import LoRAInjector, active_weights
 from .merge import merge, unmerge
 from .peft_io import load_peft, save_peft
@@ -17,6 +17,7 @@ __all__ = [
     "compress",
     "concat",
     "content_hash",
+    "delta_inner_matrix",
     "delta_sq_distance",
     "load_peft",
     "merge",

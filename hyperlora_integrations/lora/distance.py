@@ -34,3 +34,20 @@ def delta_sq_distance(
     ref = _inner(a2, b2, a2, b2, gram)
     dist = _inner(a1, b1, a1, b1, gram) + ref - 2 * _inner(a1, b1, a2, b2, gram)
     return dist.clamp_min(0), ref.expand_as(dist)
+
+
+def delta_inner_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``G[i, j] = <B_i A_i, B_j A_j>`` summed over layers, for N adapters of one rank.
+
+    A: (N, L, r, d_in), B: (N, L, d_out, r). Every prediction that is a weighted sum of library
+    deltas (a mean, a nearest neighbour, a kernel regression) is a coefficient vector c, and its
+    squared error against adapter t is ``c'Gc - 2 c'G[:, t] + G[t, t]``: one Gram matrix, one
+    (N r x N r) product per layer, replaces a distance computation per prediction. Float64.
+    """
+    n, layers, r = a.shape[0], a.shape[1], a.shape[2]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for layer in range(layers):
+        aa = a[:, layer].reshape(n * r, -1).double()
+        bt = b[:, layer].transpose(-1, -2).reshape(n * r, -1).double()
+        out += ((aa @ aa.T) * (bt @ bt.T)).reshape(n, r, n, r).sum((1, 3))
+    return out
