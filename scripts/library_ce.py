@@ -5,6 +5,8 @@ tokens as in the fits), the mean per-token CE of the gold target with
 
 - ``zero``: no adapter (the base model);
 - ``library_mean``: the mean delta of all fitted training-task adapters (rank-concatenated);
+- ``ridge_<encoder>``: with ``--coefficients`` (from ``library_neighbours.py``), the kernel
+  ridge prediction from the description: a weighted sum of the library's deltas;
 - ``recon``: the reconstruction-trained hypernetwork's adapter for the task's description;
 - ``shipped``: the shipped (SFT-trained) hypernetwork's adapter for it;
 - ``own_fit``: the task's own fitted adapter (``fit_library --split held``, fitted on other
@@ -31,9 +33,9 @@ from hyperlora_integrations.training.probe_oracle import FittedAdapter
 from hyperlora_integrations.training.tasks import load_tasks, split
 
 
-def mean_adapter(adapters: list[Adapter]) -> Adapter:
-    """The mean of the deltas, exactly, as one adapter of the summed rank."""
-    return concat([Adapter(a.A, a.B, scaling=a.scaling / len(adapters)) for a in adapters])
+def weighted_adapter(adapters: list[Adapter], weights: list[float]) -> Adapter:
+    """The weighted sum of the deltas, exactly, as one adapter of the summed rank."""
+    return concat([Adapter(a.A, a.B, scaling=a.scaling * w) for a, w in zip(adapters, weights)])
 
 
 def main(argv=None) -> dict:
@@ -42,6 +44,7 @@ def main(argv=None) -> dict:
     p.add_argument("--recon", default="runs/t2l-recon/checkpoint")
     p.add_argument("--examples", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--coefficients", default=None, help="ridge weights from library_neighbours.py --coefficients")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,7 +52,9 @@ def main(argv=None) -> dict:
     loss_args = train_t2l.parse_args(["--max-input-tokens", "96"])
     _, held = split(load_tasks())
     fitted_held = load_library(args.library, "held")
-    mean = FittedAdapter.holding(mean_adapter([a for a, _ in load_library(args.library, "train").values()]))
+    library = {n: a for n, (a, _) in load_library(args.library, "train").items()}
+    mean = FittedAdapter.holding(weighted_adapter(list(library.values()), [1 / len(library)] * len(library)))
+    coefficients = json.loads(Path(args.coefficients).read_text()) if args.coefficients else {}
     zero = FittedAdapter(fitted_held[held[0].name][0])  # B = 0: the base model
     recon = ckpt.load(args.recon)
     rows = {}
@@ -64,6 +69,9 @@ def main(argv=None) -> dict:
                 "shipped": (model.t2l, model.t2l.encoder(model)),
                 "own_fit": (FittedAdapter.holding(fitted_held[task.name][0]), recon.encoder(model)),
             }
+            for enc_name, coef in coefficients.get(task.name, {}).items():
+                mixed = weighted_adapter([library[n] for n in coef], list(coef.values()))
+                nets[f"ridge_{enc_name}"] = (FittedAdapter.holding(mixed), recon.encoder(model))
             rows[task.name] = {
                 name: float(
                     train_t2l.sft_loss(model, net, enc.encode(desc)[None].expand(len(exs), -1), exs, loss_args, 0.0)[0]

@@ -61,7 +61,10 @@ def stacked(adapters: list[Adapter], root: dict | None) -> dict[str, tuple[torch
     out = {}
     for m in folded[0][0]:
         a = torch.stack([fa[m] for fa, _ in folded])
-        out[m] = (a if root is None else a @ root[m], torch.stack([fb[m] for _, fb in folded]))
+        if root is not None:  # one (N r x d) @ (d x d) product per layer: `a @ root` would expand root N times
+            n, layers, r, d = a.shape
+            a = (a.transpose(0, 1).reshape(layers, n * r, d) @ root[m]).reshape(layers, n, r, -1).transpose(0, 1)
+        out[m] = (a, torch.stack([fb[m] for _, fb in folded]))
     return out
 
 
@@ -103,7 +106,7 @@ def logo_error(phi: torch.Tensor, g: torch.Tensor, groups: list[str], lam: float
     return total / n
 
 
-def neighbour_test(idx, names, gram, held_idx, feats, kinds) -> dict:
+def neighbour_test(idx, names, gram, held_idx, feats, kinds, coefficients: dict | None = None) -> dict:
     """Per held-out task, the errors of the predictions from the library tasks ``idx``.
 
     ``gram``: inner products of all deltas (library first, then held-out tasks, at
@@ -136,7 +139,10 @@ def neighbour_test(idx, names, gram, held_idx, feats, kinds) -> dict:
             knn[top.indices] = torch.softmax(top.values / 0.1, 0)
             row[f"knn5_{enc}"] = errors(knn, gram, idx, t)
             lam, logo = lams[enc]
-            row[f"ridge_{enc}"] = errors(ridge(phi, q, lam), gram, idx, t)
+            coef = ridge(phi, q, lam)
+            row[f"ridge_{enc}"] = errors(coef, gram, idx, t)
+            if coefficients is not None:
+                coefficients.setdefault(h, {})[enc] = dict(zip((names[j] for j in idx), coef.tolist()))
             row[f"ridge_lambda_{enc}"] = lam
             for other in LAMBDAS:  # the whole path, for the record (hindsight, not a result)
                 row[f"ridge_{enc}@{other:g}"] = errors(ridge(phi, q, other), gram, idx, t)
@@ -164,6 +170,8 @@ def plot(curve: dict, path: Path, weighted: bool) -> None:
         "knn5_minilm": "5 nearest descriptions (MiniLM)",
         "knn5_base-mean": "5 nearest descriptions (base model)",
         "nearest_minilm": "nearest description (MiniLM)",
+        "ridge_base-mean": "ridge on descriptions (base model)",
+        "ridge_minilm": "ridge on descriptions (MiniLM)",
     }
     for key, label in labels.items():
         ax.plot(sizes, [curve[str(s)][key] for s in sizes], marker="o", label=label)
@@ -183,6 +191,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", default="", help="comma-separated sub-library sizes for the curve, e.g. 23,46,93")
     p.add_argument("--repeats", type=int, default=3, help="random sub-libraries per size")
     p.add_argument("--out", default=None, help="JSON; with --sizes also a PNG next to it")
+    p.add_argument("--coefficients", default=None, help="JSON: the ridge predictions' weights over the library")
     args = p.parse_args(argv)
     train, held_lib = load_library(args.library, "train"), load_library(args.library, "held")
     names = list(train)
@@ -206,7 +215,10 @@ def main(argv=None) -> dict:
     kinds = {n: info["kind"] for split_lib in (train, held_lib) for n, (_, info) in split_lib.items()}
     test = partial(neighbour_test, names=names, gram=inner, held_idx=held_idx, feats=feats, kinds=kinds)
 
-    rows = test(list(range(len(names))))
+    coefficients = {}
+    rows = test(list(range(len(names))), coefficients=coefficients)
+    if args.coefficients:  # the ridge predictions as library weights, for scripts/library_ce.py
+        Path(args.coefficients).write_text(json.dumps(coefficients))
     result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}
     default = set(load_tasks())  # the task set without --extended-tasks
     if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
