@@ -93,7 +93,9 @@ def ridge(phi: torch.Tensor, query: torch.Tensor, lam: float) -> torch.Tensor:
 
 def logo_error(phi: torch.Tensor, g: torch.Tensor, groups: list[str], lam: float) -> float:
     """Leave-one-group-out relative error of ``ridge`` on the library itself (closed form per
-    group), so lambda is chosen without looking at held-out tasks."""
+    group), so lambda is chosen without looking at held-out tasks. The intercept (the library
+    mean) is kept fixed, so a left-out group still counts in it: 1/n of a leak, for choosing
+    lambda only."""
     n = phi.shape[0]
     hat = phi @ phi.T @ torch.linalg.inv(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype))
     centre = torch.eye(n, dtype=phi.dtype) - 1.0 / n
@@ -110,7 +112,9 @@ def neighbour_test(idx, names, gram, held_idx, feats, kinds, coefficients: dict 
     """Per held-out task, the errors of the predictions from the library tasks ``idx``.
 
     ``gram``: inner products of all deltas (library first, then held-out tasks, at
-    ``held_idx``); ``feats[enc]``: description embeddings (library and held-out rows alike); ``kinds``: "mc" / "gen" per task name."""
+    ``held_idx``); ``feats[enc]``: description embeddings (library and held-out rows alike);
+    ``kinds``: "mc" / "gen" per task name. ``coefficients``, when given, receives the ridge
+    prediction's weight per library task, per held-out task and encoder."""
     n = len(idx)
     mean = torch.full((n,), 1.0 / n, dtype=torch.float64)
     g = gram[idx][:, idx]
