@@ -74,36 +74,36 @@ def group_of(name: str) -> str:
     return name if name.startswith("ni/") or "/" not in name else name.split("/")[0]
 
 
-def errors(coef: torch.Tensor, gram: torch.Tensor, lib_idx: list[int], target: int) -> float:
-    """Relative squared error of the library mixture ``coef`` (over ``lib_idx``) against ``target``."""
-    g = gram[lib_idx][:, lib_idx]
+def errors(coef: torch.Tensor, g: torch.Tensor, col: torch.Tensor, tt: torch.Tensor) -> float:
+    """Relative squared error of the library mixture ``coef`` against a target, from the library's
+    inner products ``g``, theirs with the target ``col`` and the target's own ``tt``."""
     c = coef.double()
-    err = c @ g @ c - 2 * c @ gram[lib_idx, target] + gram[target, target]
-    return float(err / gram[target, target])
+    return float((c @ g @ c - 2 * c @ col + tt) / tt)
 
 
-def ridge(phi: torch.Tensor, query: torch.Tensor, lam: float) -> torch.Tensor:
+def ridge(kernel: torch.Tensor, kq: torch.Tensor, lam: float) -> torch.Tensor:
     """Kernel ridge regression of the deltas on the description features, with the library mean
     as intercept: the prediction's coefficients over the library (a linear map from description
-    to adapter, fitted in closed form: what a hypernetwork with a linear head could learn)."""
-    n = phi.shape[0]
-    alpha = torch.linalg.solve(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype), phi @ query)
+    to adapter, fitted in closed form: what a hypernetwork with a linear head could learn).
+    ``kernel``: the library features' inner products; ``kq``: theirs with the query's."""
+    n = kernel.shape[0]
+    alpha = torch.linalg.solve(kernel + lam * torch.eye(n, dtype=kernel.dtype), kq)
     return alpha + (1 - alpha.sum()) / n
 
 
-def logo_error(phi: torch.Tensor, g: torch.Tensor, groups: list[str], lam: float) -> float:
+def logo_error(kernel: torch.Tensor, g: torch.Tensor, groups: list[str], lam: float) -> float:
     """Leave-one-group-out relative error of ``ridge`` on the library itself (closed form per
     group), so lambda is chosen without looking at held-out tasks. The intercept (the library
     mean) is kept fixed, so a left-out group still counts in it: 1/n of a leak, for choosing
     lambda only."""
-    n = phi.shape[0]
-    hat = phi @ phi.T @ torch.linalg.inv(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype))
-    centre = torch.eye(n, dtype=phi.dtype) - 1.0 / n
-    resid = (torch.eye(n, dtype=phi.dtype) - hat) @ centre  # in-sample residual coefficients
+    n, dtype = kernel.shape[0], kernel.dtype
+    hat = kernel @ torch.linalg.inv(kernel + lam * torch.eye(n, dtype=dtype))
+    centre = torch.eye(n, dtype=dtype) - 1.0 / n
+    resid = (torch.eye(n, dtype=dtype) - hat) @ centre  # in-sample residual coefficients
     total = 0.0
     for grp in sorted(set(groups)):
         rows = [i for i, x in enumerate(groups) if x == grp]
-        loo = torch.linalg.solve(torch.eye(len(rows), dtype=phi.dtype) - hat[rows][:, rows], resid[rows])
+        loo = torch.linalg.solve(torch.eye(len(rows), dtype=dtype) - hat[rows][:, rows], resid[rows])
         total += float((torch.einsum("in,nm,im->i", loo, g, loo) / g.diagonal()[rows]).sum())
     return total / n
 
@@ -124,32 +124,31 @@ def neighbour_test(idx, names, gram, held_idx, feats, kinds, coefficients: dict 
         mu, sd = k.mean(0), k.std(0).clamp_min(1e-6)
         phis[enc] = F.normalize((feats[enc] - mu) / sd, dim=-1).double()
     rows = {}
-    lams = {}
-    for enc in ENCODERS:
-        phi = phis[enc][idx]
-        logo = {lam: logo_error(phi, g, [group_of(names[j]) for j in idx], lam) for lam in LAMBDAS}
-        lams[enc] = (min(logo, key=logo.get), logo)
+    groups = [group_of(names[j]) for j in idx]
+    kernels = {enc: phis[enc][idx] @ phis[enc][idx].T for enc in ENCODERS}
+    lams = {enc: min(LAMBDAS, key=lambda lam: logo_error(kernels[enc], g, groups, lam)) for enc in ENCODERS}
     for h, t in held_idx.items():
-        single = ((g.diagonal() - 2 * gram[idx, t] + gram[t, t]) / gram[t, t]).tolist()
+        col, tt = gram[idx, t], gram[t, t]
+        single = ((g.diagonal() - 2 * col + tt) / tt).tolist()
         same = torch.tensor([kinds[names[j]] == kinds[h] for j in idx], dtype=torch.float64)
-        row = {"mean": errors(mean, gram, idx, t), "kind_mean": errors(same / same.sum(), gram, idx, t)}
+        row = {"mean": errors(mean, g, col, tt), "kind_mean": errors(same / same.sum(), g, col, tt)}
         row |= {"best": min(single), "best_task": names[idx[single.index(min(single))]]}
         for enc in ENCODERS:
-            phi, q = phis[enc][idx], phis[enc][t]
-            top = (phi @ q).topk(min(5, n))
+            kq = phis[enc][idx] @ phis[enc][t]
+            top = kq.topk(min(5, n))
             row[f"nearest_{enc}"] = single[int(top.indices[0])]
             row[f"nearest_task_{enc}"] = names[idx[int(top.indices[0])]]
             knn = torch.zeros(n, dtype=torch.float64)
             knn[top.indices] = torch.softmax(top.values / 0.1, 0)
-            row[f"knn5_{enc}"] = errors(knn, gram, idx, t)
-            lam, logo = lams[enc]
-            coef = ridge(phi, q, lam)
-            row[f"ridge_{enc}"] = errors(coef, gram, idx, t)
+            row[f"knn5_{enc}"] = errors(knn, g, col, tt)
+            lam = lams[enc]
+            coef = ridge(kernels[enc], kq, lam)
+            row[f"ridge_{enc}"] = errors(coef, g, col, tt)
             if coefficients is not None:
                 coefficients.setdefault(h, {})[enc] = dict(zip((names[j] for j in idx), coef.tolist()))
             row[f"ridge_lambda_{enc}"] = lam
             for other in LAMBDAS:  # the whole path, for the record (hindsight, not a result)
-                row[f"ridge_{enc}@{other:g}"] = errors(ridge(phi, q, other), gram, idx, t)
+                row[f"ridge_{enc}@{other:g}"] = errors(ridge(kernels[enc], kq, other), g, col, tt)
         rows[h] = row
     return rows
 
