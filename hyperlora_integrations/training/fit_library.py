@@ -187,6 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-seed", type=int, default=0, help="seed of the shared initial A")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extended-tasks", action="store_true", help="also BIG-bench subtasks and MMLU subjects")
+    p.add_argument("--template-tasks", action="store_true", help="also promptsource-template tasks")
     p.add_argument("--shard", default="0/1", help="i/n: fit only every n-th task starting at i")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device of the base model and the fits (cpu, cuda)")
@@ -201,7 +202,7 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = HyperLoRAModel.from_pretrained(d2l=None, device=args.device)
-    train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks))
+    train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks, templates=args.template_tasks))
     tasks = train if args.split == "train" else held
     like = model.generate_skill("shape only")
     started = time.time()

@@ -251,10 +251,13 @@ def extended_tasks(seed: int, max_examples: int, per_parent: int = 8, root: Path
     return tasks
 
 
-def load_tasks(seed: int = 0, max_examples: int = 400, extended: bool = False) -> dict[str, Task]:
+def load_tasks(
+    seed: int = 0, max_examples: int = 400, extended: bool = False, templates: bool = False
+) -> dict[str, Task]:
     """All tasks keyed by name (training and held-out alike; split with ``HELD_OUT``).
 
-    ``extended`` adds ``extended_tasks`` (training tasks only) without changing the others.
+    ``extended`` adds ``extended_tasks`` and ``templates`` the promptsource-template tasks
+    (``prompt_templates.template_tasks``), training tasks only, without changing the others.
     """
     rng = random.Random(seed)
     root = _bigbench()
@@ -280,6 +283,10 @@ def load_tasks(seed: int = 0, max_examples: int = 400, extended: bool = False) -
             tasks[task.name] = task
     if extended:
         tasks.update(extended_tasks(seed, max_examples))
+    if templates:
+        from .prompt_templates import template_tasks
+
+        tasks.update(template_tasks(seed, max_examples))
     return tasks
 
 

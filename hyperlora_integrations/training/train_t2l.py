@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also train on BIG-bench subtasks and MMLU subjects (tasks.extended_tasks; same held-out set)",
     )
+    p.add_argument(
+        "--template-tasks",
+        action="store_true",
+        help="also train on promptsource-template tasks (prompt_templates.template_tasks; same held-out set)",
+    )
     return p.parse_args(argv)
 
 
@@ -197,7 +202,7 @@ def main(argv=None) -> Path:
     else:
         from .tasks import load_tasks, split
 
-        train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks))
+        train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks, templates=args.template_tasks))
     library, held_library = {}, {}
     if args.reconstruct:
         from .fit_library import load_library
