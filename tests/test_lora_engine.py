@@ -195,3 +195,29 @@ def test_compress_is_exact_at_full_rank_and_optimal_below(tiny_model):
     # the kept energy matches the error of the truncation (Eckart-Young)
     energy = retained_energy(both, 2)
     assert abs((1 - energy) - float(err2**2 / delta(both).norm() ** 2)) < 1e-4
+
+
+def test_compress_of_a_delta_of_high_rank_takes_the_dense_route_and_agrees(tiny_model):
+    """A weighted sum of many adapters has more rank than the matrix has room for; its cut must
+    still be the optimal one, and the same as the QR route gives where both apply."""
+    from hyperlora_integrations.lora import compress, retained_energy
+    from hyperlora_integrations.lora.compress import _svd
+
+    d_in, d_out = tiny_model.injector.shapes["down_proj"]
+    many = concat([random_adapter(tiny_model, rank=8, seed=s) for s in range(max(d_in, d_out) // 8 + 1)])
+    A, B = many.folded()
+    a, b = A["down_proj"].double(), B["down_proj"].double()
+    assert a.shape[1] >= min(d_in, d_out)  # dense branch
+    s_true = torch.linalg.svdvals(b @ a)
+    assert torch.allclose(_svd(a, b, values_only=True), s_true)
+    k = 3
+    cut = compress(many, k)
+    CA, CB = cut.folded()
+    err = (CB["down_proj"].double() @ CA["down_proj"].double() - b @ a).norm() ** 2
+    assert abs(float(err) - float(s_true[:, k:].pow(2).sum())) < 1e-6 * float(s_true.pow(2).sum())
+    assert abs(retained_energy(many, k) - float(s_true[:, :k].pow(2).sum() / s_true.pow(2).sum())) < 1e-9
+    # below the dense threshold the QR route gives the same singular values
+    small_a, small_b = a[:, :2], b[:, :, :2]
+    assert torch.allclose(
+        _svd(small_a, small_b, values_only=True)[:, :2], torch.linalg.svdvals(small_b @ small_a)[:, :2]
+    )

