@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 
 import torch
+from library_ce import weighted_adapter  # a sibling script
 from tqdm.auto import tqdm
 
 from hyperlora_integrations.lora.compress import compress, retained_energy
@@ -34,8 +35,6 @@ from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training.eval_t2l import condition_summary, difference, run_task
 from hyperlora_integrations.training.fit_library import load_library
 from hyperlora_integrations.training.tasks import load_tasks, split
-
-from library_ce import weighted_adapter  # noqa: E402 - a sibling script
 
 
 def main(argv=None) -> dict:
