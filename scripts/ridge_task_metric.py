@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from hyperlora_integrations.lora.compress import compress, retained_energy
 from hyperlora_integrations.model import HyperLoRAModel
-from hyperlora_integrations.training.eval_t2l import condition_summary, difference, run_task
+from hyperlora_integrations.training.eval_t2l import difference, report, run_task
 from hyperlora_integrations.training.fit_library import load_library
 from hyperlora_integrations.training.tasks import load_tasks, split
 
@@ -77,22 +77,19 @@ def main(argv=None) -> dict:
         n = args.mc_examples if task.kind == "mc" else args.gen_examples
         per_task[task.name] = run_task(model, task, other, n, args, rng, adapters=adapters)
 
-    summary = {
-        **condition_summary(per_task),
-        "c_minus_b": difference(per_task, "c_adapter", "b_desc"),
-        "d_minus_b": difference(per_task, "d_adapter_desc", "b_desc"),
-        "matched_minus_mismatched": difference(per_task, "c_adapter", "c_mismatched"),
-        "ridge_minus_shipped": difference(per_task, "c_adapter", "c_random"),
-        "retained_energy": energy,
-        "conditions": "c_adapter/d_adapter_desc: ridge (own description); c_mismatched: ridge (next task's); "
+    return report(
+        per_task,
+        args.out,
+        quiet=("retained_energy",),
+        c_minus_b=difference(per_task, "c_adapter", "b_desc"),
+        d_minus_b=difference(per_task, "d_adapter_desc", "b_desc"),
+        matched_minus_mismatched=difference(per_task, "c_adapter", "c_mismatched"),
+        ridge_minus_shipped=difference(per_task, "c_adapter", "c_random"),
+        retained_energy=energy,
+        conditions="c_adapter/d_adapter_desc: ridge (own description); c_mismatched: ridge (next task's); "
         "c_random: shipped T2L",
-        "args": vars(args),
-    }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("tasks", "retained_energy")}, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"summary": summary, "scores": per_task}, indent=2))
-    return summary
+        args=vars(args),
+    )
 
 
 if __name__ == "__main__":

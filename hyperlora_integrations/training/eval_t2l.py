@@ -120,6 +120,19 @@ def difference(per_task: dict[str, dict[str, list[float]]], x: str, y: str) -> d
     return stratified_bootstrap(per_task, lambda s: _avg(x)(s) - _avg(y)(s))
 
 
+def report(
+    per_task: dict[str, dict[str, list[float]]], out: str | Path | None, quiet: tuple[str, ...] = (), **extra
+) -> dict:
+    """The summary of a held-out run (per-condition averages plus ``extra``): printed without the
+    per-task table and the ``quiet`` keys, and written with the raw scores to ``out`` where given."""
+    summary = {**condition_summary(per_task), **extra}
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("tasks", *quiet)}, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"summary": summary, "scores": per_task}, indent=2))
+    return summary
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -131,20 +144,16 @@ def main(argv=None) -> dict:
         n = args.mc_examples if task.kind == "mc" else args.gen_examples
         per_task[task.name] = run_task(model, task, held[(i + 1) % len(held)], n, args, rng)
 
-    summary = {
-        **condition_summary(per_task),
-        "c_minus_b": difference(per_task, "c_adapter", "b_desc"),
-        "d_minus_b": difference(per_task, "d_adapter_desc", "b_desc"),
-        "matched_minus_mismatched": difference(per_task, "c_adapter", "c_mismatched"),
-        "matched_minus_random": difference(per_task, "c_adapter", "c_random"),
-        "kinds": {t.name: t.kind for t in held},
-        "command": "hyperlora eval t2l " + " ".join(argv or []),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "scores": per_task}, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "tasks"}, indent=2))
-    return summary
+    return report(
+        per_task,
+        args.out,
+        c_minus_b=difference(per_task, "c_adapter", "b_desc"),
+        d_minus_b=difference(per_task, "d_adapter_desc", "b_desc"),
+        matched_minus_mismatched=difference(per_task, "c_adapter", "c_mismatched"),
+        matched_minus_random=difference(per_task, "c_adapter", "c_random"),
+        kinds={t.name: t.kind for t in held},
+        command="hyperlora eval t2l " + " ".join(argv or []),
+    )
 
 
 if __name__ == "__main__":

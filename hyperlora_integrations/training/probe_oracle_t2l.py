@@ -19,16 +19,14 @@ it does, what remains is the hypernetwork's. The measured run (docs/text-to-lora
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import HyperLoRAModel
 from . import train_t2l
-from .eval_t2l import condition_summary, difference, run_task
+from .eval_t2l import difference, report, run_task
 from .fit_library import fit_task
 from .tasks import load_tasks, split
 
@@ -84,21 +82,14 @@ def main(argv=None) -> dict:
         }
         per_task[task.name] = run_task(model, task, other, n_eval[task.name], args, rng, adapters=adapters)
 
-    summary = {
-        **condition_summary(per_task),
-        "fit_loss": fit_loss,
-        "fitted_minus_desc": difference(per_task, "c_adapter", "b_desc"),
-        "fitted_desc_minus_desc": difference(per_task, "d_adapter_desc", "b_desc"),
-        "fitted_minus_other_task": difference(per_task, "c_adapter", "c_mismatched"),
-        "conditions": "c_adapter/d_adapter_desc: own fitted; c_mismatched: next task's fitted; c_random: shipped T2L",
-        "args": vars(args),
-    }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("tasks", "fit_loss")}, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"summary": summary, "scores": per_task}, indent=2))
-    return summary
-
-
-if __name__ == "__main__":
-    main()
+    return report(
+        per_task,
+        args.out,
+        quiet=("fit_loss",),
+        fit_loss=fit_loss,
+        fitted_minus_desc=difference(per_task, "c_adapter", "b_desc"),
+        fitted_desc_minus_desc=difference(per_task, "d_adapter_desc", "b_desc"),
+        fitted_minus_other_task=difference(per_task, "c_adapter", "c_mismatched"),
+        conditions="c_adapter/d_adapter_desc: own fitted; c_mismatched: next task's fitted; c_random: shipped T2L",
+        args=vars(args),
+    )

@@ -1,0 +1,29 @@
+"""The held-out summary of `eval t2l` and its probes: averages, paired differences, the report file."""
+
+from __future__ import annotations
+
+import json
+
+from hyperlora_integrations.training.eval_t2l import CONDITIONS, difference, report
+
+
+def _scores(better: float) -> dict[str, list[float]]:
+    base = [0.0, 1.0, 0.0, 1.0]
+    return {c: [min(1.0, v + better) for v in base] if c == "c_adapter" else list(base) for c in CONDITIONS}
+
+
+def test_report_averages_tasks_pairs_differences_and_writes_the_scores(tmp_path, capsys):
+    per_task = {"t1": _scores(1.0), "t2": _scores(0.0)}
+    out = tmp_path / "nested" / "eval.json"
+    summary = report(
+        per_task, out, quiet=("bulky",), c_minus_b=difference(per_task, "c_adapter", "b_desc"), bulky={"x": 1}
+    )
+    # t1: adapter 1.0 vs 0.5, t2: 0.5 vs 0.5 -> mean gap 0.25; a resample's gap lies in [0, 0.5]
+    gap = summary["c_minus_b"]
+    assert gap["mean"] == 0.25 and 0 <= gap["lo"] < 0.25 < gap["hi"] <= 0.5
+    assert summary["average"]["b_desc"]["mean"] == 0.5
+    assert summary["tasks"]["t1"]["c_adapter"] == 1.0 and summary["tasks"]["t1"]["n"] == 4
+    printed = json.loads(capsys.readouterr().out)
+    assert "bulky" not in printed and "tasks" not in printed and "c_minus_b" in printed
+    saved = json.loads(out.read_text())
+    assert saved["scores"] == per_task and saved["summary"]["bulky"] == {"x": 1}
