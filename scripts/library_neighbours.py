@@ -70,7 +70,7 @@ def stacked(adapters: list[Adapter], root: dict | None) -> dict[str, tuple[torch
 
 def group_of(name: str) -> str:
     """Tasks that are near-copies of each other (subtasks of one BIG-bench parent, MMLU
-    subjects, the prompt templates of one dataset) share a group; a held-out task is never in a
+    subjects, the prompt templates of one dataset family) share a group; a held-out task is never in a
     training task's group."""
     if name.startswith("ps/"):
         return "/".join(name.split("/")[:2])
