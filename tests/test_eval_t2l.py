@@ -27,3 +27,19 @@ def test_report_averages_tasks_pairs_differences_and_writes_the_scores(tmp_path,
     assert "bulky" not in printed and "tasks" not in printed and "c_minus_b" in printed
     saved = json.loads(out.read_text())
     assert saved["scores"] == per_task and saved["summary"]["bulky"] == {"x": 1}
+
+
+def test_every_training_module_with_a_main_runs_as_python_m():
+    """The docs give `python -m hyperlora_integrations.training.<module>` commands: a module whose
+    `main` is not called under `__main__` would exit 0 having done nothing."""
+    import ast
+    from pathlib import Path
+
+    import hyperlora_integrations.training as training
+
+    for path in sorted(Path(training.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            continue
+        guards = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        assert guards and "main()" in ast.unparse(guards[-1]), f"{path.name} defines main() but never runs it"

@@ -93,3 +93,7 @@ def main(argv=None) -> dict:
         conditions="c_adapter/d_adapter_desc: own fitted; c_mismatched: next task's fitted; c_random: shipped T2L",
         args=vars(args),
     )
+
+
+if __name__ == "__main__":
+    main()
