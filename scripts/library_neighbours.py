@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     train, held_lib = load_library(args.library, "train"), load_library(args.library, "held")
     names = list(train)
-    tasks = load_tasks(extended=True, templates=any(n.startswith("ps/") for n in names))  # any task set
+    has_templates = any(n.startswith("ps/") for n in names)
+    tasks = load_tasks(extended=True, templates=has_templates)  # whatever task set the library holds
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     held_names = list(held_lib)
     everything = [train[n][0] for n in names] + [held_lib[h][0] for h in held_names]
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
         idx = [j for j, n in enumerate(names) if n in default]
         result["default_tasks"] = {**average(test(idx)), "library_tasks": len(idx)}
-    if any(n.startswith("ps/") for n in names):  # and without the promptsource-template tasks
+    if has_templates:  # and without the promptsource-template tasks
         idx = [j for j, n in enumerate(names) if not n.startswith("ps/")]
         result["without_templates"] = {**average(test(idx)), "library_tasks": len(idx)}
     if args.sizes:

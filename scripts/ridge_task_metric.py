@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 from library_ce import weighted_adapter  # a sibling script
-from tqdm.auto import tqdm
 
 from hyperlora_integrations.lora.compress import compress, retained_energy
 from hyperlora_integrations.model import HyperLoRAModel
-from hyperlora_integrations.training.eval_t2l import difference, report, run_task
+from hyperlora_integrations.training.eval_t2l import add_eval_args, difference, report, run_held_out
 from hyperlora_integrations.training.fit_library import load_library
 from hyperlora_integrations.training.tasks import load_tasks, split
 
@@ -43,11 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--coefficients", required=True, help="ridge weights from library_neighbours.py --coefficients")
     p.add_argument("--encoder", default="minilm", help="whose ridge weights: minilm or base-mean")
     p.add_argument("--rank", type=int, default=64, help="rank the predicted adapters are cut to")
-    p.add_argument("--mc-examples", type=int, default=100)
-    p.add_argument("--gen-examples", type=int, default=30)
-    p.add_argument("--max-input-tokens", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    add_eval_args(p, mc_examples=100, gen_examples=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -66,16 +61,11 @@ def main(argv=None) -> dict:
         energy[task.name] = retained_energy(full, args.rank)
         ridge[task.name] = compress(full, args.rank)
 
-    per_task = {}
-    for i, task in enumerate(tqdm(held, desc="eval ridge adapters", unit="task")):
-        other = held[(i + 1) % len(held)]
-        adapters = {
-            "c_adapter": ridge[task.name],
-            "c_mismatched": ridge[other.name],
-            "c_random": model.generate_skill(task.descriptions[0]),
-        }
-        n = args.mc_examples if task.kind == "mc" else args.gen_examples
-        per_task[task.name] = run_task(model, task, other, n, args, rng, adapters=adapters)
+    def adapters_for(task, other):
+        shipped = model.generate_skill(task.descriptions[0])
+        return {"c_adapter": ridge[task.name], "c_mismatched": ridge[other.name], "c_random": shipped}
+
+    per_task = run_held_out(model, held, args, rng, adapters_for, desc="eval ridge adapters")
 
     return report(
         per_task,

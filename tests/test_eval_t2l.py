@@ -43,3 +43,34 @@ def test_every_training_module_with_a_main_runs_as_python_m():
             continue
         guards = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
         assert guards and "main()" in ast.unparse(guards[-1]), f"{path.name} defines main() but never runs it"
+
+
+def test_run_held_out_pairs_each_task_with_the_next_and_scores_every_condition(tiny_model):
+    import random
+
+    from hyperlora_integrations.training.eval_t2l import parse_args, run_held_out
+    from hyperlora_integrations.training.tasks import Example, Task
+
+    mc = Task("mc_task", "mc", ["Pick yes or no."], [Example(f"Is {i} even?", "yes", ["yes", "no"]) for i in range(3)])
+    gen = Task("gen_task", "gen", ["Repeat the word."], [Example("Say cat.", "cat"), Example("Say dog.", "dog")])
+    args = parse_args(["--mc-examples", "2", "--gen-examples", "1", "--max-new-tokens", "2"])
+
+    per_task = run_held_out(tiny_model, [mc, gen], args, random.Random(0))
+    assert set(per_task) == {"mc_task", "gen_task"}
+    assert all(set(s) == set(CONDITIONS) for s in per_task.values())
+    assert {len(v) for v in per_task["mc_task"].values()} == {2} and {
+        len(v) for v in per_task["gen_task"].values()
+    } == {1}
+    assert all(x in (0.0, 1.0) for v in per_task["mc_task"].values() for x in v)
+
+    pairs = []
+    skill = tiny_model.generate_skill("anything")
+
+    def adapters_for(task, other):
+        pairs.append((task.name, other.name))
+        return {"c_adapter": skill, "c_mismatched": skill, "c_random": skill}
+
+    same = run_held_out(tiny_model, [mc, gen], args, random.Random(0), adapters_for)
+    assert pairs == [("mc_task", "gen_task"), ("gen_task", "mc_task")]
+    # one adapter under all three names: the three conditions score alike
+    assert all(s["c_adapter"] == s["c_mismatched"] == s["c_random"] for s in same.values())

@@ -33,13 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t2l", default=str(ckpt.SHIPPED["t2l"]))
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--base-model", default=None)
-    p.add_argument("--mc-examples", type=int, default=30)
-    p.add_argument("--gen-examples", type=int, default=15)
+    add_eval_args(p)
+    p.add_argument("--out", default="runs/eval_t2l.json")
+    return p.parse_args(argv)
+
+
+def add_eval_args(p: argparse.ArgumentParser, mc_examples: int = 30, gen_examples: int = 15) -> None:
+    """The options ``run_task`` reads, shared by ``eval t2l`` and the probes that score through it."""
+    p.add_argument("--mc-examples", type=int, default=mc_examples, help="evaluated examples per multiple-choice task")
+    p.add_argument("--gen-examples", type=int, default=gen_examples, help="evaluated examples per generation task")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--max-input-tokens", type=int, default=256)
-    p.add_argument("--out", default="runs/eval_t2l.json")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
 
 
 def option_choice(model: HyperLoRAModel, prompt: str, options: list[str], **kwargs) -> str:
@@ -79,6 +84,21 @@ def run_task(
                 answer = model.generate(prompt, max_new_tokens=args.max_new_tokens, **kwargs)
                 scores[cond].append(token_f1(answer, [ex.target]))
     return scores
+
+
+def run_held_out(
+    model: HyperLoRAModel, held: list[Task], args, rng: random.Random, adapters_for=None, desc: str = "eval t2l"
+) -> dict[str, dict[str, list[float]]]:
+    """``run_task`` over the held-out tasks, each paired with the next one for the mismatched
+    control. ``adapters_for(task, other)``, where given, supplies the adapters under the
+    condition names (the probes score fitted or closed-form adapters this way)."""
+    per_task = {}
+    for i, task in enumerate(tqdm(held, desc=desc, unit="task")):
+        other = held[(i + 1) % len(held)]
+        n = args.mc_examples if task.kind == "mc" else args.gen_examples
+        adapters = adapters_for(task, other) if adapters_for else None
+        per_task[task.name] = run_task(model, task, other, n, args, rng, adapters=adapters)
+    return per_task
 
 
 def stratified_bootstrap(per_task: dict[str, dict[str, list[float]]], fn, resamples: int = 2000, seed: int = 0):
@@ -139,10 +159,7 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     model = HyperLoRAModel.from_pretrained(args.base_model, d2l=None, t2l=args.t2l, device=args.device)
     _, held = split(load_tasks(seed=args.seed))
-    per_task = {}
-    for i, task in enumerate(tqdm(held, desc="eval t2l", unit="task")):
-        n = args.mc_examples if task.kind == "mc" else args.gen_examples
-        per_task[task.name] = run_task(model, task, held[(i + 1) % len(held)], n, args, rng)
+    per_task = run_held_out(model, held, args, rng)
 
     return report(
         per_task,

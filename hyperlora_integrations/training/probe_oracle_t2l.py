@@ -26,22 +26,18 @@ from tqdm.auto import tqdm
 
 from ..model import HyperLoRAModel
 from . import train_t2l
-from .eval_t2l import difference, report, run_task
+from .eval_t2l import add_eval_args, difference, report, run_held_out
 from .fit_library import fit_task
 from .tasks import load_tasks, split
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mc-examples", type=int, default=30, help="evaluated examples per multiple-choice task")
-    p.add_argument("--gen-examples", type=int, default=15, help="evaluated examples per generation task")
+    add_eval_args(p)
     p.add_argument("--fit-examples", type=int, default=64, help="examples per task the fit may use (never evaluated)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-input-tokens", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -72,15 +68,10 @@ def main(argv=None) -> dict:
         )
         fit_loss[task.name] = {**losses, "examples": len(pool)}
 
-    per_task = {}
-    for i, task in enumerate(tqdm(held, desc="eval fitted adapters", unit="task")):
-        other = held[(i + 1) % len(held)]
-        adapters = {
-            "c_adapter": fitted[task.name],
-            "c_mismatched": fitted[other.name],
-            "c_random": generated[task.name],
-        }
-        per_task[task.name] = run_task(model, task, other, n_eval[task.name], args, rng, adapters=adapters)
+    def adapters_for(task, other):
+        return {"c_adapter": fitted[task.name], "c_mismatched": fitted[other.name], "c_random": generated[task.name]}
+
+    per_task = run_held_out(model, held, args, rng, adapters_for, desc="eval fitted adapters")
 
     return report(
         per_task,
