@@ -1,0 +1,332 @@
+"""``ServingEngine``: what one replica does for a request, without Ray or HTTP.
+
+Kept free of Ray so every rule (which adapters a ``model`` value names, what a reference in a
+message activates, when a prompt is too long, what a bad document does to the store) is tested
+in-process in milliseconds; the Ray Serve deployment (``app``) only adds multiplexed adapter
+loading, threads and HTTP around it.
+
+A request is served in three steps: ``targets`` names the adapters (cheap: index look-ups, so
+a 404 costs nothing), the caller loads them (the deployment through Ray Serve's per-replica
+LRU), ``plan`` resolves references and checks lengths, then ``run`` decodes. Everything that
+can reject a request happens before the first token, so a streaming client gets a proper
+status code instead of an error in the middle of a 200 stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..adapters.corpus import InternalizedCorpus, ReferenceResolver
+from ..adapters.store import AdapterStore, check_name
+from ..chat import encode_text
+from ..errors import AdapterNotFoundError, InvalidInputError
+from ..generation import Chunk, SamplingParams, stream_tokens
+from ..lora import Adapter
+from .schemas import ChatCompletionRequest, CompletionRequest, ContextLengthExceededError, DocumentsRequest
+
+if TYPE_CHECKING:
+    from ..model import HyperLoRAModel
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter a request names: stored (``text`` None) or still queued (served from ``text``)."""
+
+    namespace: str
+    id: str
+    text: str | None = None
+    version: str = ""
+
+    @property
+    def key(self) -> str:
+        """The adapter's name across namespaces: what requests for it are routed by."""
+        return f"{self.namespace}/{self.id}"
+
+    @property
+    def load_key(self) -> str:
+        """The key a loaded copy is cached under: a replaced adapter (e.g. consolidated) is a new key."""
+        return f"{self.key}@{self.version}"
+
+    @classmethod
+    def from_load_key(cls, load_key: str) -> Target:
+        key, _, version = load_key.rpartition("@")
+        namespace, _, adapter_id = key.partition("/")
+        return cls(namespace, adapter_id, None, version)
+
+
+@dataclass
+class Plan:
+    """A request resolved and checked, ready to decode."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    prompt_ids: list[int]
+    adapters: list[Adapter]
+    params: SamplingParams
+    served_by: dict[str, str] = field(default_factory=dict)
+    rejected_references: int = 0
+
+    def info(self) -> dict[str, Any]:
+        """What the response reports under ``hyperlora``: which adapters served the call, and how."""
+        return {
+            "adapters": [a.id for a in self.adapters],
+            "served_by": self.served_by,
+            "rejected_references": self.rejected_references,
+        }
+
+
+class ServingEngine:
+    """Serves OpenAI-shaped requests from one ``HyperLoRAModel`` and one ``AdapterStore``.
+
+    ``namespaces[0]`` is where ``POST /v1/documents`` puts documents; a ``model`` value may name
+    an adapter of any listed namespace by id (first match in order), as ``namespace/id``, or a
+    skill by its name. ``max_prompt_tokens`` caps prompts below the context window.
+    """
+
+    def __init__(
+        self,
+        model: HyperLoRAModel,
+        store: AdapterStore,
+        *,
+        namespaces: Sequence[str] = ("default", "skills"),
+        served_model_name: str | None = None,
+        default_max_tokens: int = 256,
+        default_temperature: float = 0.0,
+        max_prompt_tokens: int | None = None,
+        reference_ttl: float | None = 3600.0,
+    ) -> None:
+        if isinstance(namespaces, str) or not namespaces:
+            raise InvalidInputError("namespaces takes a non-empty list of namespaces")
+        self.model = model
+        self.store = store
+        self.namespaces = [check_name(ns, "namespace") for ns in namespaces]
+        self.base_name = served_model_name or model.name
+        self.default_max_tokens = default_max_tokens
+        self.default_temperature = default_temperature
+        self.max_prompt_tokens = max_prompt_tokens
+        self.resolver = ReferenceResolver(store, namespaces=self.namespaces, ttl=reference_ttl)
+        self._corpus: InternalizedCorpus | None = None
+
+    @property
+    def corpus(self) -> InternalizedCorpus:
+        """The documents namespace (built on first use: it indexes every stored text)."""
+        if self._corpus is None:
+            self._corpus = InternalizedCorpus(self.model, self.store, namespace=self.namespaces[0])
+        return self._corpus
+
+    # ------------------------------------------------------------------ naming
+    def _find(self, namespace: str, adapter_id: str) -> Target | None:
+        try:
+            meta = self.store.metadata(adapter_id, namespace=namespace)
+        except AdapterNotFoundError:
+            meta = None
+        if meta is not None:
+            version = hashlib.sha256(meta.model_dump_json().encode()).hexdigest()[:16]
+            return Target(namespace, adapter_id, version=version)
+        text = self.store.pending_text(adapter_id, namespace=namespace)
+        return Target(namespace, adapter_id, text) if text is not None else None
+
+    def _skill(self, name: str) -> Target | None:
+        for namespace in self.namespaces:
+            for meta in reversed(self.store.list(namespace=namespace, kind="skill")):  # newest first
+                if (meta.model_extra or {}).get("skill_name") == name:
+                    return self._find(namespace, meta.id)
+        return None
+
+    def target(self, name: str) -> Target:
+        """The adapter a ``model`` value (or an ``adapters`` entry) names; 404 if none."""
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError("an adapter name must be a non-empty string")
+        found = None
+        if "/" in name:
+            namespace, _, adapter_id = name.partition("/")
+            if namespace in self.namespaces and _valid(adapter_id):
+                found = self._find(namespace, adapter_id)
+        elif _valid(name):
+            found = next((t for ns in self.namespaces if (t := self._find(ns, name)) is not None), None)
+            found = found or self._skill(name)
+        if found is None:
+            raise AdapterNotFoundError(
+                f"model {name!r} is neither the base model {self.base_name!r} nor an adapter of this server; "
+                "GET /v1/models lists both"
+            )
+        return found
+
+    def targets(self, model: str, adapters: Sequence[str] = ()) -> list[Target]:
+        """Adapters of ``model`` (none for the base model) and of the ``adapters`` extra field."""
+        names = ([] if model == self.base_name else [model]) + list(adapters)
+        out: list[Target] = []
+        for name in names:
+            target = self.target(name)
+            if target not in out:
+                out.append(target)
+        return out
+
+    def load(self, target: Target) -> Adapter:
+        """A stored target's adapter, checked against this model."""
+        adapter = self.store.get(target.id, namespace=target.namespace)
+        adapter.check_base(self.model.name, self.model.fingerprint)
+        return adapter
+
+    # ------------------------------------------------------------------ planning
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
+        room = self.model.max_context - prompt_len
+        limit = self.max_prompt_tokens
+        if limit is not None and prompt_len > limit:
+            raise ContextLengthExceededError(
+                f"prompt of {prompt_len} tokens is over this server's max_prompt_tokens={limit}; "
+                "internalize long documents (POST /v1/documents) instead of sending them"
+            )
+        requested = req.new_tokens()
+        new_tokens = requested if requested is not None else min(self.default_max_tokens, room)
+        if room < 1 or new_tokens > room:
+            raise ContextLengthExceededError(
+                f"prompt of {prompt_len} tokens + {new_tokens} new tokens exceeds the {self.model.max_context}-token "
+                "context; shorten the prompt, lower max_tokens, or internalize long documents (POST /v1/documents)"
+            )
+        return SamplingParams(
+            max_new_tokens=new_tokens,
+            temperature=self.default_temperature if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            stop=req.stop or (),
+            seed=req.seed,
+        )
+
+    def plan(
+        self, req: ChatCompletionRequest | CompletionRequest, targets: Sequence[Target], loaded: Sequence[Adapter]
+    ):
+        """Resolve references, put queued documents' text in the prompt, encode and check lengths."""
+        adapters = list(loaded)
+        served = {t.key: "adapter" for t in targets if t.text is None}
+        contexts = [t.text for t in targets if t.text is not None]
+        served.update({t.key: "context" for t in targets if t.text is not None})
+        if isinstance(req, ChatCompletionRequest):
+            resolution = self.resolver.resolve([m.core() for m in req.messages])
+            for adapter in resolution.adapters:
+                if all(a.id != adapter.id for a in adapters):
+                    adapters.append(adapter)
+            for key, how in resolution.served_by.items():  # keyed by id, or (namespace, id)
+                served.setdefault(key if isinstance(key, str) else "/".join(map(str, key)), how)
+            context = "\n\n".join(contexts) if contexts else None
+            ids = self.model.encode(resolution.messages, context=context)
+            rejected = resolution.rejected
+            kind = "chat"
+        else:
+            text = req.text()
+            prefix = "".join(c + "\n\n" for c in contexts)
+            ids = encode_text(self.model.tokenizer, prefix + text) if (prefix + text) else []
+            rejected = 0
+            kind = "completion"
+            if not ids:
+                raise InvalidInputError("prompt is empty")
+        params = self._sampling(req, len(ids))
+        self.model._checked(adapters)  # base model and shapes, before any decoding
+        return Plan(kind, req.model, ids, adapters, params, served, rejected)
+
+    # ------------------------------------------------------------------ decoding
+    def run(self, plan: Plan) -> Iterator[Chunk]:
+        """Decode ``plan`` token by token, its adapters active for this call only.
+
+        One request at a time per call: the batched multi-adapter decoder is not in this package
+        yet, so concurrent requests in a replica run in parallel threads over the shared model.
+        """
+        model = self.model
+        if plan.adapters:
+            A, B = model.injector.folded(plan.adapters)
+
+            def scope():
+                return model.injector.activate_weights(A, B)
+        else:
+
+            def scope():
+                return model.injector.activate(())
+
+        yield from stream_tokens(model.model, model.tokenizer, plan.prompt_ids, plan.params, scope, model._eos_ids)
+
+    # ------------------------------------------------------------------ catalogue and documents
+    def models(self) -> list[dict[str, Any]]:
+        """``/v1/models`` data: the base model, then every adapter (stored or queued) of each namespace."""
+        cards = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "hyperlora", "kind": "base"}]
+        seen = set()
+        for i, namespace in enumerate(self.namespaces):
+            for meta in self.store.list(namespace=namespace):
+                model_id = meta.id if i == 0 else f"{namespace}/{meta.id}"
+                seen.add((namespace, meta.id))
+                card = {
+                    "id": model_id,
+                    "object": "model",
+                    "created": _epoch(meta.created_at),
+                    "owned_by": "hyperlora",
+                    "kind": meta.kind,
+                    "namespace": namespace,
+                    "status": "ready",
+                    "parent": self.base_name,
+                }
+                if (meta.model_extra or {}).get("skill_name"):
+                    card["name"] = meta.model_extra["skill_name"]
+                cards.append(card)
+            for job in self.store.pending(namespace=namespace):
+                if (namespace, job.id) in seen:
+                    continue
+                cards.append(
+                    {
+                        "id": job.id if i == 0 else f"{namespace}/{job.id}",
+                        "object": "model",
+                        "created": _epoch(job.created_at),
+                        "owned_by": "hyperlora",
+                        "kind": job.kind,
+                        "namespace": namespace,
+                        "status": "queued",
+                        "parent": self.base_name,
+                    }
+                )
+        return cards
+
+    def add_documents(self, req: DocumentsRequest) -> dict[str, Any]:
+        """Internalize (and consolidate) documents into ``namespaces[0]``; their ids are ``model`` values.
+
+        The corpus validates the whole batch before storing anything, so one bad document leaves
+        the store as it was.
+        """
+        texts = [d.text for d in req.documents]
+        metadatas = [d.metadata for d in req.documents]
+        corpus = self.corpus
+        mode = req.consolidate
+        kwargs: dict[str, Any] = {"background": mode == "background"}
+        consolidated: bool | str = False
+        if mode and "consolidate" in inspect.signature(corpus.add_texts).parameters:
+            kwargs["consolidate"] = mode
+            consolidated = mode
+        ids = corpus.add_texts(texts, metadatas, **kwargs)
+        queued = [i for i in ids if not self.store.contains(i, namespace=corpus.namespace)]
+        return {
+            "object": "list",
+            "ids": ids,
+            "queued": queued,
+            "namespace": corpus.namespace,
+            "consolidated": consolidated,
+        }
+
+
+def _valid(adapter_id: str) -> bool:
+    try:
+        check_name(adapter_id, "adapter id")
+    except InvalidInputError:
+        return False
+    return True
+
+
+def _epoch(iso: str) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except (TypeError, ValueError):
+        return 0
+
+
+LoadFn = Callable[[Target], Adapter]
