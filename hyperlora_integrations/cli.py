@@ -95,7 +95,35 @@ def _drain(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "train": _train, "eval": _eval, "bench": _bench, "export": _export, "drain": _drain}
+def _serve(argv: list[str]) -> int:
+    from .serving.cli import serve_main
+
+    return serve_main(argv)
+
+
+def _ingest(argv: list[str]) -> int:
+    from .serving.cli import ingest_main
+
+    return ingest_main(argv)
+
+
+def _import(argv: list[str]) -> int:
+    from .hypernets.sakana_import import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "demo": _demo,
+    "train": _train,
+    "eval": _eval,
+    "bench": _bench,
+    "export": _export,
+    "drain": _drain,
+    "serve": _serve,
+    "ingest": _ingest,
+    "import": _import,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)")
         print("  export  internalize a text file and save the adapter in PEFT format")
         print("  drain   finish a store's queued background internalizations, with a progress bar")
+        print("  serve   OpenAI-compatible HTTP API on Ray Serve, adapters per request (extra [serve])")
+        print("  ingest  internalize a corpus (text/JSONL/parquet) into a store on Ray Data (extra [serve])")
+        print("  import  convert Sakana's released hypernetworks: `import sakana-d2l PATH OUT`, `import sakana-t2l DIR OUT`")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 
