@@ -8,13 +8,14 @@ state, so one instance serves many threads and asyncio tasks at once.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .base_model import BaseModel, load_base_model
+from .base_model import DEFAULT_MODEL_NAME, BaseModel, load_base_model
 from .chat import Prompt, encode_chat, encode_text, to_messages
 from .errors import HypernetworkMissingError, InvalidInputError
 from .generation import Chunk, SamplingParams, stream_tokens
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
     from .hypernets.t2l import TextToLoRA
 
 DEFAULT = "default"
+_GRAMMAR_KEYS = ("json_schema", "regex", "tools", "tool_choice", "parallel_tool_calls")
+"""Call options that constrain decoding to a grammar (``constrained.py``)."""
+_DEFAULT_STORE_LOCK = threading.Lock()
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hugging Face id of the default model, recorded in exported adapters."""
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -35,6 +41,36 @@ def fingerprint(model: torch.nn.Module) -> str:
     return (
         f"{c.model_type}:L{c.num_hidden_layers}:H{c.hidden_size}:I{getattr(c, 'intermediate_size', 0)}:V{c.vocab_size}"
     )
+
+
+def _names_default(base_model: str | os.PathLike | None) -> bool:
+    """``"SmolLM2-135M-Instruct"`` or its hub id, unless a local folder of that name exists."""
+    return (
+        base_model is not None
+        and str(base_model) in (DEFAULT_MODEL_NAME, DEFAULT_HUB_ID)
+        and not Path(base_model).exists()
+    )
+
+
+def _shipped_fingerprint() -> str | None:
+    """The base-model fingerprint the shipped checkpoints were trained for (None if absent)."""
+    import json
+
+    from .hypernets.checkpoint import CONFIG_NAME, SHIPPED
+
+    try:
+        return json.loads((SHIPPED["d2l"] / CONFIG_NAME).read_text()).get("base_fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def is_default_model(model: torch.nn.Module, name: str) -> bool:
+    """Whether a loaded model is the default one: its name and its architecture fingerprint.
+
+    The cached fp32 folder (``.../SmolLM2-135M-Instruct-fp32``), the embedded default and the hub
+    copy all qualify; a same-shaped model of another name (SmolLM2-135M base) does not.
+    """
+    return name == DEFAULT_MODEL_NAME and fingerprint(model) == _shipped_fingerprint()
 
 
 class HyperLoRAModel:
@@ -57,6 +93,7 @@ class HyperLoRAModel:
         self.max_context = max_context or int(getattr(base.model.config, "max_position_embeddings", 2048))
         self.d2l = d2l
         self.t2l = t2l
+        self._default_store = None
         if d2l is not None:
             d2l.check_base(self)
         if t2l is not None:
@@ -85,11 +122,42 @@ class HyperLoRAModel:
         """
         from .hypernets import checkpoint
 
+        if _names_default(base_model):
+            base_model = None  # the hub id or bare name of the default: the embedded copy, offline
         base = load_base_model(base_model, device=device, dtype=dtype)
-        shipped = base_model is None
+        shipped = base_model is None or is_default_model(base.model, base.name)
+        if not shipped and "default" in (str(d2l), str(t2l)) and fingerprint(base.model) == _shipped_fingerprint():
+            import warnings
+
+            warnings.warn(
+                f"{base_model!s} has the architecture of {DEFAULT_MODEL_NAME} but is not recognised as it "
+                f"(its name is {base.name!r}), so the shipped hypernetworks were not loaded and internalize/"
+                "generate_skill will raise HypernetworkMissingError; load it with from_pretrained() (no path), "
+                "or pass d2l=/t2l= checkpoint directories explicitly",
+                stacklevel=2,
+            )
         d2l_net = checkpoint.resolve("d2l", d2l, shipped=shipped, device=device)
         t2l_net = checkpoint.resolve("t2l", t2l, shipped=shipped, device=device)
         return cls(base, d2l=d2l_net, t2l=t2l_net)
+
+    @property
+    def default_store(self):
+        """The private ``AdapterStore`` that retrievers and indexes built without ``store=`` share.
+
+        Because they share it, a chat model / LLM built on this same model honours their
+        references with no extra argument (the two-line swap). Multi-tenant services pass their
+        own store and namespaces explicitly.
+        """
+        from .adapters import AdapterStore
+
+        with _DEFAULT_STORE_LOCK:
+            if self._default_store is None:
+                self._default_store = AdapterStore()
+            return self._default_store
+
+    @property
+    def has_default_store(self) -> bool:
+        return self._default_store is not None
 
     # ------------------------------------------------------------------ prompts and tokens
     def encode(
@@ -145,10 +213,42 @@ class HyperLoRAModel:
     def unmerge(self, adapter: Adapter) -> None:
         _unmerge(self.injector, adapter)
 
+    @property
+    def hub_id(self) -> str:
+        """The id an exported adapter records as its base: the hub id for the default model
+        (never this machine's cache path, which means nothing elsewhere), else the name or path
+        the model was loaded from."""
+        if is_default_model(self.model, self.name):
+            return DEFAULT_HUB_ID
+        return str(getattr(self.model.config, "_name_or_path", "") or self.name)
+
     def export_adapter(self, adapter: Adapter, path: str | os.PathLike) -> Path:
-        """Save in PEFT format; ``PeftModel.from_pretrained(base, path)`` reproduces our logits."""
-        base_path = str(getattr(self.model.config, "_name_or_path", "") or self.name)
-        return save_peft(self._checked([adapter])[0], path, self.injector, base_path)
+        """Save in PEFT format, world-readable (an export is meant to be shared).
+
+        Load it onto a *separate* copy of the base model: ``PeftModel.from_pretrained`` rewires
+        the model it is given in place, so passing ``self.model`` would change every caller of
+        this ``HyperLoRAModel``. ``to_peft_model(adapter)`` does that for you.
+        """
+        return save_peft(self._checked([adapter])[0], path, self.injector, self.hub_id)
+
+    def to_peft_model(self, adapter: Adapter):
+        """A ``peft.PeftModel`` of ``adapter`` on its own copy of the base weights.
+
+        The copy is built fresh from the config and this model's weights (no hooks), so the PEFT
+        model and this ``HyperLoRAModel`` never affect each other; it costs one more copy of the
+        base model's memory. Its logits equal ``self`` with ``adapters=[adapter]``.
+        """
+        import tempfile
+
+        from peft import PeftModel
+
+        adapter = self._checked([adapter])[0]
+        copy = type(self.model)(self.model.config)
+        copy.load_state_dict(self.model.state_dict())
+        copy.to(device=self.base.device, dtype=self.base.dtype).eval()
+        with tempfile.TemporaryDirectory(prefix="hyperlora-peft-") as tmp:
+            save_peft(adapter, tmp, self.injector, self.hub_id)
+            return PeftModel.from_pretrained(copy, tmp)
 
     def load_adapter(self, path: str | os.PathLike) -> Adapter:
         """Load a PEFT adapter directory (or our single-file format) checked against this model."""
@@ -176,6 +276,38 @@ class HyperLoRAModel:
             adapter = compress(adapter, max_rank)
         return adapter
 
+    def consolidate(
+        self,
+        text: str,
+        adapter: Adapter | None = None,
+        *,
+        steps: int | None = None,
+        time_budget_s: float | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        config=None,
+        source: str = "",
+    ) -> Adapter:
+        """Learn ``text`` into an adapter by gradient steps on targets built from the text alone.
+
+        Slower than ``internalize`` (tens of seconds instead of one pass) but the result carries
+        the document; works without any hypernetwork. ``adapter`` (e.g. ``internalize``'s) is the
+        starting point; ``config`` is a ``ConsolidationConfig``. See ``consolidation.engine``.
+        """
+        from .consolidation import consolidate
+
+        return consolidate(
+            self,
+            text,
+            adapter,
+            config=config,
+            steps=steps,
+            time_budget_s=time_budget_s,
+            seed=seed,
+            progress=progress,
+            source=source,
+        )
+
     def generate_skill(self, description: str) -> Adapter:
         """Turn a plain-language task description into a skill adapter."""
         if self.t2l is None:
@@ -193,9 +325,10 @@ class HyperLoRAModel:
     ):
         adapters = self._checked(adapters)
         ids = self.encode(prompt, system=system, context=context)
-        if len(ids) + params.max_new_tokens > self.max_context:
+        new_tokens = params.new_tokens_for(len(ids))
+        if len(ids) + new_tokens > self.max_context:
             raise InvalidInputError(
-                f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds the "
+                f"prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the "
                 f"{self.max_context}-token context; internalize long documents instead of stuffing them"
             )
         if not adapters:
@@ -213,15 +346,36 @@ class HyperLoRAModel:
         context: str | None = None,
         **sampling,
     ) -> Iterator[Chunk]:
-        """Stream ``Chunk``s; the last one carries finish reason and token counts.
+        """Stream ``Chunk``s; the last one carries finish reason, token counts and token ids.
 
         ``context`` stuffs a document into the prompt (the baseline internalization replaces).
+        ``sampling`` takes ``model.generate``'s keyword arguments for decoder-only decoding
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``min_new_tokens``, ``eos_token_id``, ``generation_config=``,
+        ``logits_processor=[...]``, ``stopping_criteria=[...]``, ...) plus ``stop`` and ``seed``;
+        see ``processors.SamplingParams``. Beam search and the like raise ``InvalidInputError``.
+
+        ``json_schema=`` (a dict, JSON string or Pydantic class), ``regex=`` or ``tools=`` (with
+        ``tool_choice=`` and ``parallel_tool_calls=``) constrain decoding to that grammar
+        (``constrained.py``): the output then parses by construction, within ``max_new_tokens``.
         """
+        grammar = {key: sampling.pop(key) for key in _GRAMMAR_KEYS if key in sampling}
+        constraint = None
+        if grammar:
+            from .constrained import constraint_processor
+
+            eos = sampling.get("eos_token_id")
+            eos_ids = self._eos_ids if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+            constraint = constraint_processor(self.tokenizer, eos_ids, **grammar)
+            if constraint is not None:
+                sampling["logits_processor"] = [*(sampling.get("logits_processor") or ()), constraint]
         try:
             params = SamplingParams(**sampling)
         except TypeError as exc:  # an unknown keyword such as max_tokens=: the caller's mistake
             raise InvalidInputError(f"bad sampling arguments {sorted(sampling)}: {exc}") from None
         ids, scope = self._prepare(prompt, adapters, system, context, params)
+        if constraint is not None:  # budget-aware closing needs the budget of this prompt
+            constraint.max_new_tokens = params.new_tokens_for(len(ids))
         yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
 
     def stream(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> Iterator[str]:
@@ -237,7 +391,7 @@ class HyperLoRAModel:
         for chunk in self.stream_chunks(prompt, adapters, **kwargs):
             pieces.append(chunk.text)
             last = chunk
-        return Chunk("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Chunk("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens, last.token_ids)
 
     def generate(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> str:
         """Answer ``prompt`` (a string or chat messages) with ``adapters`` active for this call."""

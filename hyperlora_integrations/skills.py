@@ -25,6 +25,65 @@ if TYPE_CHECKING:
     from .model import HyperLoRAModel
 
 
+def missing_skill(name: str, library: SkillLibrary | None) -> AdapterNotFoundError:
+    """The error for a skill name that names nothing: what exists, the closest, how to generate one."""
+    from ._arguments import did_you_mean
+
+    if library is None:
+        where = "no skill library was given (skills=SkillLibrary(...))"
+    else:
+        names = library.names()
+        where = f"the library has {names or 'no skills'}{did_you_mean(name, names)}"
+    return AdapterNotFoundError(
+        f"no skill named {name!r}: {where}. To generate a skill from a description instead, pass a "
+        "sentence describing the task (e.g. 'Write SQL queries for the sales database.')"
+    )
+
+
+def tool_skill_adapter(
+    model: HyperLoRAModel,
+    name: str,
+    description: str,
+    *,
+    skill: str | Adapter | Skill | None = None,
+    library: SkillLibrary | None = None,
+) -> Adapter:
+    """The adapter behind a skill tool; one rule for the LangChain and LlamaIndex ``skill_tool``.
+
+    ``skill`` says what the adapter is made from: an ``Adapter`` or ``Skill`` as is, a library
+    skill name (a string without whitespace, which must exist), or a description (a sentence);
+    by default ``description``, the text the agent reads. With ``library`` the skill is kept
+    there under ``name`` and reused while its description is unchanged, so restarts do not
+    regenerate it.
+    """
+    if isinstance(skill, Adapter):
+        return skill
+    if isinstance(skill, Skill):
+        return skill.adapter
+    if skill is not None and not (isinstance(skill, str) and skill.strip()):
+        raise InvalidInputError("skill= takes an Adapter, a Skill, a library skill name or a description")
+    if library is not None:
+        if not isinstance(library, SkillLibrary):
+            raise InvalidInputError(f"library must be a SkillLibrary, got {type(library).__name__}")
+        if (library.model.name, library.model.fingerprint) != (model.name, model.fingerprint):
+            raise InvalidInputError("the skill library was built on a different base model than the LLM")
+    source = description if skill is None else skill
+    if library is not None and source in library.names():
+        return library.get(source).adapter
+    if not any(c.isspace() for c in source.strip()):
+        raise missing_skill(source, library)
+    if library is not None:
+        current = library.get(name) if name in library.names() else None
+        if current is None or current.description != source:
+            current = library.add(name, source)
+        return current.adapter
+    adapter = model.generate_skill(source)
+    adapter.metadata.kind = "skill"
+    adapter.metadata.description = source
+    adapter.metadata.skill_name = name
+    return adapter
+
+
 @dataclass
 class Skill:
     name: str

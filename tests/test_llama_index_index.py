@@ -57,7 +57,7 @@ def test_from_documents_internalizes_each_document(index):
 
 
 def test_retriever_returns_references_not_text(index):
-    nodes = index.as_retriever(similarity_top_k=2).retrieve("Who commanded the vessel Halcyon?")
+    nodes = index.as_retriever(similarity_top_k=2, min_score=None).retrieve("Who commanded the vessel Halcyon?")
     assert len(nodes) == 2
     top = nodes[0]
     assert top.node.metadata["topic"] == "mirelle"
@@ -123,7 +123,7 @@ def test_stuffing_baseline_sends_text_where_internalized_does_not(index, tiny_mo
     llm = HyperLoRALLM(tiny_model, store=index.store, **SAMPLING)
     spy = CoreCallSpy().install(monkeypatch, tiny_model)
     RetrieverQueryEngine.from_args(TextRetriever(), llm=llm).query("When is the Zorblax celebration?")
-    RetrieverQueryEngine.from_args(index.as_retriever(), llm=llm).query("When is the Zorblax celebration?")
+    RetrieverQueryEngine.from_args(index.as_retriever(min_score=None), llm=llm).query("When is the Zorblax celebration?")
     stuffed, internalized = (spy.prompt_text(i) for i in (0, 1))
     assert "ninth of March" in stuffed
     assert_no_document_text(internalized)

@@ -21,9 +21,11 @@ import asyncio
 import contextvars
 import functools
 import json
+import logging
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -47,19 +49,60 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator  # noqa: E402
 
+from .._arguments import check_generation_kwargs, is_generation_name, unexpected  # noqa: E402
 from ..adapters.corpus import ReferenceResolver  # noqa: E402
-from ..adapters.references import LOOSE_RE  # noqa: E402
+from ..adapters.references import strip_references  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..lora import Adapter  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
-from ..skills import Skill, SkillLibrary  # noqa: E402
+from ..skills import Skill, SkillLibrary, missing_skill  # noqa: E402
 from ._messages import last_user_text, to_core_messages  # noqa: E402
-from ._toolcalls import StreamFilter, ToolSpec, render_tools  # noqa: E402
+from ._toolcalls import StreamFilter, ToolSpec, grammar_options, render_tools  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # Call options that arrive through ``bind``/``invoke`` kwargs and are understood here.
 _SAMPLING_KEYS = ("temperature", "max_tokens", "top_p", "seed", "timeout")
 # Accepted for drop-in compatibility with API-backed chat models; they have no local effect.
 _IGNORED_KEYS = ("stream", "stream_usage", "strict", "ls_structured_output_format", "structured_output_format")
+# Hugging Face names of fields, accepted as aliases (``max_new_tokens=`` is ``max_tokens=``).
+_ALIASES = {"max_new_tokens": "max_tokens"}
+
+
+def _sort_constructor_arguments(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """LangChain's convention for constructor keywords that are not fields.
+
+    HF aliases map to their field; a generation argument the core decoder accepts moves to
+    ``model_kwargs`` with a warning (as ``langchain_core``'s ``_build_model_kwargs`` does); any
+    other unknown keyword, typically a misspelt field (``temprature``), raises ``TypeError``.
+    """
+    values = dict(values)
+    for alias, name in _ALIASES.items():
+        if alias in values:
+            if name in values:
+                raise TypeError(f"ChatHyperLoRA: pass {name} or {alias}, not both")
+            values[name] = values.pop(alias)
+    fields = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+    extra = dict(values.get("model_kwargs") or {})
+    for key in list(values):
+        if key in fields:
+            continue
+        if not is_generation_name(key):
+            raise unexpected("ChatHyperLoRA", [key], [*fields, *_ALIASES])
+        if key in extra:
+            raise TypeError(f"ChatHyperLoRA: {key} given both directly and in model_kwargs")
+        warnings.warn(
+            f"{key} is not a ChatHyperLoRA field; it was transferred to model_kwargs and is passed to "
+            "every call. Please confirm that it is what you intended.",
+            stacklevel=4,
+        )
+        extra[key] = values.pop(key)
+    for key in [k for k in extra if k in fields or k in _ALIASES]:
+        raise TypeError(f"ChatHyperLoRA: pass {key} directly, not in model_kwargs")
+    if extra:
+        check_generation_kwargs("ChatHyperLoRA", extra, fields)
+        values["model_kwargs"] = extra
+    return values
 
 
 @functools.lru_cache(maxsize=2)
@@ -102,6 +145,19 @@ def _json_instruction(response_format: dict[str, Any]) -> str:
     if schema:
         text += " Use this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
     return text
+
+
+def _warn_unhonoured_once(chat: ChatHyperLoRA, count: int) -> None:
+    """One warning per chat model: references it could not honour were stripped from the prompt."""
+    if chat._warned_unhonoured:
+        return
+    chat._warned_unhonoured = True
+    log.warning(
+        "%d adapter reference(s) in the prompt could not be honoured and were removed: build the "
+        "retriever on the same HyperLoRAModel, or pass references_from=[retriever] / adapter_store= "
+        "(and reference_namespaces=) to this chat model",
+        count,
+    )
 
 
 class ChatHyperLoRA(BaseChatModel):
@@ -149,6 +205,9 @@ class ChatHyperLoRA(BaseChatModel):
     """Retrievers whose references to honour: sets ``adapter_store`` and the namespaces."""
     reference_ttl: float | None = 3600.0
     """References older than this many seconds are rejected (``None``: never expire)."""
+    serve_pending: Literal["context", "instant"] = "context"
+    """How a referenced document whose consolidation is still pending is served: its text in the
+    prompt (``"context"``, default) or its instant hypernetwork adapter (``"instant"``)."""
 
     skills: Any = Field(default=None, exclude=True)
     """A ``SkillLibrary`` for ``auto_skill`` routing and ``with_skill(name)``."""
@@ -157,8 +216,14 @@ class ChatHyperLoRA(BaseChatModel):
     """Routing threshold; ``None`` uses the library's own."""
     skill_adapter: Any = Field(default=None, exclude=True)
     """The skill applied to every call (set by ``with_skill``)."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further generation arguments for every call, as LangChain chat models keep them: a
+    constructor keyword that is not a field but is a generation argument of the core decoder
+    lands here (with a warning); anything else, a misspelt field above all, raises ``TypeError``."""
 
     _resolver: ReferenceResolver | None = PrivateAttr(default=None)
+    _auto_resolver: ReferenceResolver | None = PrivateAttr(default=None)
+    _warned_unhonoured: bool = PrivateAttr(default=False)
     _skill_cache: dict[str, Adapter] = PrivateAttr(default_factory=dict)
     _skill_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -168,6 +233,8 @@ class ChatHyperLoRA(BaseChatModel):
     def _model_string(cls, values: Any) -> Any:
         if isinstance(values, dict) and isinstance(values.get("model"), str):
             values = {**values, "model_name": values["model"], "model": None}
+        if isinstance(values, dict):
+            values = _sort_constructor_arguments(cls, values)
         return values
 
     @model_validator(mode="after")
@@ -190,13 +257,31 @@ class ChatHyperLoRA(BaseChatModel):
             self.reference_namespaces = sorted(spaces)
         if self.adapter_store is not None:
             self._resolver = ReferenceResolver(
-                self.adapter_store, namespaces=self.reference_namespaces, ttl=self.reference_ttl
+                self.adapter_store,
+                namespaces=self.reference_namespaces,
+                ttl=self.reference_ttl,
+                serve_pending=self.serve_pending,
             )
         if self.auto_skill and not isinstance(self.skills, SkillLibrary):
             raise InvalidInputError("auto_skill=True needs skills=SkillLibrary(...)")
         if self.skill_adapter is not None and not isinstance(self.skill_adapter, Adapter):
             raise InvalidInputError("skill_adapter must be an Adapter; use with_skill() for descriptions")
         return self
+
+    def _default_resolver(self) -> ReferenceResolver | None:
+        """Honour references of retrievers built on the same model without an explicit store.
+
+        They share the model's private ``default_store`` (nobody else can write to it), so any of
+        its namespaces is this process's own. Created on first need, after a retriever exists.
+        """
+        if self.references_from or not self.model.has_default_store:
+            return None
+        with self._skill_lock:
+            if self._auto_resolver is None:
+                self._auto_resolver = ReferenceResolver(
+                    self.model.default_store, ttl=self.reference_ttl, serve_pending=self.serve_pending
+                )
+            return self._auto_resolver
 
     # ------------------------------------------------------------------ LangChain plumbing
     @property
@@ -233,7 +318,7 @@ class ChatHyperLoRA(BaseChatModel):
         if tools:
             specs = [self._spec(convert_to_openai_tool(t)) for t in tools]
             core = _add_system(core, render_tools(specs, None))
-        return len(self.model.encode([{**m, "content": LOOSE_RE.sub("", m["content"])} for m in core]))
+        return len(self.model.encode([{**m, "content": strip_references(m["content"])[0]} for m in core]))
 
     # ------------------------------------------------------------------ tools and structure
     @staticmethod
@@ -248,12 +333,14 @@ class ChatHyperLoRA(BaseChatModel):
         tool_choice: str | dict[str, Any] | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, BaseMessage]:
-        """Bind tools: their schemas are rendered into the system prompt of each call.
+        """Bind tools: their schemas go into the system prompt and decoding is constrained to them.
 
-        ``tool_choice``: ``None``/"auto" (model decides), "none" (tools hidden), "any"/"required"/
-        ``True`` (must call one), or a tool name / ``{"function": {"name": ...}}``. Forcing is an
-        instruction to the model, not constrained decoding, so a weak model may still answer in
-        text; the output is then returned as plain text.
+        ``tool_choice``: ``None``/"auto" (the model answers in text or makes a call), "none"
+        (tools hidden), "any"/"required"/``True`` (must call one), or a tool name /
+        ``{"function": {"name": ...}}`` (must call that one). A call, once started, is decoded
+        under a grammar built from the bound tools (``constrained.tool_call_grammar``): it names a
+        bound tool and its arguments validate against that tool's schema; a forced choice always
+        produces a call. ``parallel_tool_calls=False`` allows exactly one call.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [f["function"]["name"] for f in formatted]
@@ -283,13 +370,16 @@ class ChatHyperLoRA(BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
         """Return outputs parsed into ``schema`` (a Pydantic class, TypedDict or JSON schema).
 
-        ``json_schema`` (default) and ``json_mode`` ask for a bare JSON object in the system
-        prompt and parse the reply; ``function_calling`` forces a call of a tool shaped like
-        ``schema``. None of them constrain decoding, so the parse can fail on a weak model:
-        with ``include_raw=False`` that raises ``OutputParserException`` (function calling yields
-        ``None`` when no call was made), with ``include_raw=True`` it is reported in
-        ``parsing_error``. ``strict`` is accepted for compatibility; outputs are always
-        validated after generation.
+        Every method constrains decoding (``constrained.py``), so the reply parses on any model:
+        ``json_schema`` (default) decodes a JSON object valid under ``schema``; ``json_mode``
+        decodes a JSON object (under ``schema`` too when one is given, since the parser would
+        reject anything else); ``function_calling`` forces a call of a tool shaped like
+        ``schema``. The schema is also described in the system prompt, which is what makes the
+        *content* sensible. Pydantic validators that JSON schema cannot express (custom
+        ``field_validator``s) are checked after generation: with ``include_raw=False`` a failure
+        raises ``OutputParserException``; with ``include_raw=True`` the result is
+        ``{"raw": AIMessage, "parsed": ... or None, "parsing_error": Exception or None}``.
+        ``strict`` is accepted for compatibility: outputs always follow the schema.
         """
         if kwargs:
             raise ValueError(f"Received unsupported arguments {kwargs}")
@@ -324,7 +414,10 @@ class ChatHyperLoRA(BaseChatModel):
     def skill(self, skill: str | Adapter | Skill) -> Adapter:
         """The adapter for ``skill``: an Adapter, a Skill, a library skill name, or a description.
 
-        Descriptions go through Text-to-LoRA once and are cached on this instance.
+        Descriptions go through Text-to-LoRA once and are cached on this instance. A string
+        without whitespace is a skill *name*: it must be in ``skills`` (a misspelt or missing
+        name raises ``AdapterNotFoundError`` rather than becoming a skill generated from one
+        word); a description is a sentence.
         """
         if isinstance(skill, Adapter):
             return skill
@@ -332,8 +425,11 @@ class ChatHyperLoRA(BaseChatModel):
             return skill.adapter
         if not isinstance(skill, str) or not skill.strip():
             raise InvalidInputError("a skill is an Adapter, a Skill, a skill name or a non-empty description")
-        if isinstance(self.skills, SkillLibrary) and skill in self.skills.names():
-            return self.skills.get(skill).adapter
+        library = self.skills if isinstance(self.skills, SkillLibrary) else None
+        if library is not None and skill in library.names():
+            return library.get(skill).adapter
+        if not any(c.isspace() for c in skill.strip()):
+            raise missing_skill(skill, library)
         with self._skill_lock:
             cached = self._skill_cache.get(skill)
         if cached is None:
@@ -364,11 +460,19 @@ class ChatHyperLoRA(BaseChatModel):
         choice = kwargs.pop("tool_choice", None)
         parallel = kwargs.pop("parallel_tool_calls", None)
         response_format = kwargs.pop("response_format", None)
+        for alias, name in _ALIASES.items():
+            if alias in kwargs:
+                if name in kwargs:
+                    raise TypeError(f"pass {name} or {alias}, not both")
+                kwargs[name] = kwargs.pop(alias)
         sampling = {key: kwargs.pop(key) for key in _SAMPLING_KEYS if key in kwargs}
         for key in _IGNORED_KEYS:
             kwargs.pop(key, None)
-        if kwargs:
-            raise TypeError(f"ChatHyperLoRA got unexpected call arguments: {sorted(kwargs)}")
+        unknown = [key for key in kwargs if not is_generation_name(key)]
+        if unknown:
+            call_keys = [*_SAMPLING_KEYS, *_ALIASES, "adapters", "tools", "tool_choice", "stop", "response_format"]
+            raise unexpected("ChatHyperLoRA call", unknown, call_keys)
+        generation = check_generation_kwargs("ChatHyperLoRA call", {**self.model_kwargs, **kwargs})
 
         core = to_core_messages(messages)
         specs = [self._spec(t) for t in tools] if choice != "none" else []
@@ -382,17 +486,19 @@ class ChatHyperLoRA(BaseChatModel):
         rejected = 0
         adapters: list[Adapter] = []
         sources: list[dict[str, Any]] = []
-        if self._resolver is not None:
-            resolution = self._resolver.resolve(core)
+        resolver = self._resolver or self._default_resolver()
+        if resolver is not None:
+            resolution = resolver.resolve(core)
             core, served, rejected = resolution.messages, dict(resolution.served_by), resolution.rejected
-            namespaces = {ref.adapter_id: ref.namespace for ref in resolution.references}
-            for adapter in resolution.adapters:
+            for adapter, ref in zip(resolution.adapters, resolution.adapter_references, strict=True):
                 adapters.append(adapter)
-                sources.append(self._describe(adapter, "reference", namespace=namespaces.get(adapter.id)))
+                sources.append(self._describe(adapter, "reference", namespace=ref.namespace))
         else:
-            for m in core:
-                rejected += len(LOOSE_RE.findall(m["content"]))
-            core = [{**m, "content": LOOSE_RE.sub("", m["content"])} for m in core]
+            stripped = [strip_references(m["content"]) for m in core]
+            rejected += sum(n for _, n in stripped)
+            core = [{**m, "content": clean} for m, (clean, _) in zip(core, stripped, strict=True)]
+        if rejected:
+            _warn_unhonoured_once(self, rejected)
 
         for adapter in explicit:
             if not isinstance(adapter, Adapter):
@@ -414,11 +520,15 @@ class ChatHyperLoRA(BaseChatModel):
                     sources.append(self._describe(chosen.adapter, "auto_skill"))
                     skill_info = {"name": chosen.name, "score": round(dict(ranked)[chosen.name], 4)}
 
-        unique: dict[str, Adapter] = {}
-        described: dict[str, dict[str, Any]] = {}
-        for adapter, source in zip(adapters, sources, strict=True):  # one adapter via two routes: apply once
-            unique.setdefault(adapter.id, adapter)
-            described.setdefault(adapter.id, source)
+        # One adapter via two routes: apply once. The same id in two namespaces is two adapters.
+        unique: dict[tuple[str, str | None], Adapter] = {}
+        described: dict[tuple[str, str | None], dict[str, Any]] = {}
+        for adapter, source in zip(adapters, sources, strict=True):
+            key = (adapter.id, source.get("namespace"))
+            if key[1] is None and any(k[0] == adapter.id for k in unique):
+                continue
+            unique.setdefault(key, adapter)
+            described.setdefault(key, source)
 
         stops = stop if stop is not None else self.stop
         max_tokens = sampling.get("max_tokens", self.max_tokens)
@@ -430,11 +540,13 @@ class ChatHyperLoRA(BaseChatModel):
             adapters=list(unique.values()),
             sources=list(described.values()),
             sampling={
+                **generation,
                 "max_new_tokens": int(max_tokens),
                 "temperature": float(sampling.get("temperature", self.temperature)),
                 "top_p": float(sampling.get("top_p", self.top_p)),
                 "seed": sampling.get("seed", self.seed),
                 "stop": tuple(stops or ()),
+                **grammar_options(specs, choice, parallel is not False, response_format),
             },
             deadline=time.monotonic() + timeout if timeout else None,
             tool_names=[s.name for s in specs],

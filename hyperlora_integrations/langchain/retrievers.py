@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -34,11 +35,14 @@ from langchain_core.documents import Document  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator  # noqa: E402
 
-from ..adapters import AdapterStore, InternalizedCorpus  # noqa: E402
+from .._arguments import unexpected  # noqa: E402
+from ..adapters import InternalizedCorpus  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
 
 _PARAGRAPH_RE = re.compile(r"\n\s*\n")
+# search_kwargs keys of LangChain's VectorStoreRetriever that mean something here -> our field.
+_SEARCH_KWARGS = {"k": "k", "score_threshold": "min_score", "filter": "filter"}
 _SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -110,16 +114,68 @@ class HyperLoRARetriever(BaseRetriever):
     adapter changes the answer for nothing, unlike an unrelated passage in a stuffed prompt."""
     reference_ttl: float | None = 3600.0
     """Lifetime of issued references; the chat model's ``reference_ttl`` decides acceptance."""
+    search_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """The vector-store retriever convention: ``{"k": 2}``, ``{"score_threshold": 1.5}`` (sets
+    ``min_score``), ``{"filter": {"tenant": "a"}}`` (metadata equality, or a callable taking a
+    metadata dict); other keys raise."""
+    consolidate: Literal["background", "now"] | bool = "background"
+    """Learn each document into its adapter by gradient steps (``HyperLoRAModel.consolidate``):
+    ``"background"`` (default) stores the instant adapter and consolidates in a background worker,
+    the chat model serving the text until then; ``"now"`` blocks until consolidated (progress bar);
+    ``False`` keeps the one-pass hypernetwork adapter only."""
+    filter: Any = Field(default=None, exclude=True)
+    """Only documents whose metadata match: a dict of required values, or ``callable(metadata)``."""
 
     _corpus: InternalizedCorpus = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arguments(cls, values: Any) -> Any:
+        """Unknown keywords raise instead of being dropped (``top_k=1`` used to keep ``k=4``)."""
+        if not isinstance(values, dict):
+            return values
+        fields = set(cls.model_fields)
+        unknown = [key for key in values if key not in fields]
+        if unknown:
+            hint = (
+                " (the number of documents is k=, or search_kwargs={'k': ...})"
+                if {
+                    "top_k",
+                    "similarity_top_k",
+                    "n",
+                }
+                & set(unknown)
+                else ""
+            )
+            raise TypeError(str(unexpected("HyperLoRARetriever", unknown, fields)) + hint)
+        search = values.get("search_kwargs") or {}
+        if not isinstance(search, dict):
+            raise TypeError(f"search_kwargs must be a dict, got {type(search).__name__}")
+        bad = set(search) - set(_SEARCH_KWARGS)
+        if bad:
+            raise TypeError(str(unexpected("HyperLoRARetriever search_kwargs", bad, _SEARCH_KWARGS)))
+        values = dict(values)
+        for key, field in _SEARCH_KWARGS.items():
+            if key in search:
+                if field in values and values[field] != search[key]:
+                    raise TypeError(f"HyperLoRARetriever: {field}= and search_kwargs[{key!r}] disagree")
+                values[field] = search[key]
+        return values
 
     @model_validator(mode="after")
     def _setup(self) -> HyperLoRARetriever:
         self.model = _as_model(self.model)
         if self.store is None:
-            self.store = AdapterStore()
-        if self.k < 1:
+            # The model's shared private store, so a ChatHyperLoRA on the same model honours this
+            # retriever's references with no extra argument; a namespace of its own keeps two
+            # such retrievers' documents apart, as two vector stores would be.
+            self.store = self.model.default_store
+            if "namespace" not in self.model_fields_set:
+                self.namespace = f"retriever-{secrets.token_hex(4)}"
+        if not isinstance(self.k, int) or self.k < 1:
             raise InvalidInputError(f"k must be positive, got {self.k}")
+        if self.filter is not None and not (isinstance(self.filter, dict) or callable(self.filter)):
+            raise InvalidInputError("filter must be a dict of metadata values or a callable(metadata) -> bool")
         self._corpus = InternalizedCorpus(
             self.model, self.store, namespace=self.namespace, excerpt_chars=self.excerpt_chars, ttl=self.reference_ttl
         )
@@ -156,9 +212,14 @@ class HyperLoRARetriever(BaseRetriever):
             raise InvalidInputError("add_documents takes a list of Documents")
         texts: list[str] = []
         metas: list[dict[str, Any]] = []
+        documents = list(documents)
         for doc in documents:
             if not isinstance(doc, Document):
                 raise InvalidInputError(f"expected Document objects, got {type(doc).__name__}")
+        # The corpus's checks (size limit, empty text, non-text) before splitting: splitting
+        # counts tokens, which for a 10 MB document meant 340k tokenizer calls before the refusal.
+        self._corpus.check_documents([d.page_content for d in documents], [dict(d.metadata) for d in documents])
+        for doc in documents:
             meta = dict(doc.metadata)
             if doc.id is not None:
                 meta.setdefault("document_id", doc.id)
@@ -170,7 +231,9 @@ class HyperLoRARetriever(BaseRetriever):
             for i, part in enumerate(parts):
                 texts.append(part)
                 metas.append({**meta, "chunk": i, "chunks": len(parts)} if len(parts) > 1 else meta)
-        return self._corpus.add_texts(texts, metas) if texts else []
+        if not texts:
+            return []
+        return self._corpus.add_texts(texts, metas, consolidate=self.consolidate, progress=self.consolidate == "now")
 
     async def aadd_documents(self, documents: Sequence[Document]) -> list[str]:
         """``add_documents`` in a worker thread: internalizing is compute the loop must not run."""
@@ -191,15 +254,37 @@ class HyperLoRARetriever(BaseRetriever):
         return len(self._corpus)
 
     # ------------------------------------------------------------------ retrieval
+    def _matches(self, metadata: dict[str, Any], where: Any) -> bool:
+        if where is None:
+            return True
+        if callable(where):
+            return bool(where(metadata))
+        return all(metadata.get(key) == value for key, value in where.items())
+
     def _get_relevant_documents(
-        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
+        self,
+        query: str,
+        *,
+        run_manager: CallbackManagerForRetrieverRun,
+        k: int | None = None,
+        filter: Any = None,  # noqa: A002  (the vector-store keyword)
     ) -> list[Document]:
         k = self.k if k is None else k
-        if k < 1:
+        if not isinstance(k, int) or k < 1:
             raise InvalidInputError(f"k must be positive, got {k}")
+        where = self.filter if filter is None else filter
+        if where is not None and not (isinstance(where, dict) or callable(where)):
+            raise InvalidInputError("filter must be a dict of metadata values or a callable(metadata) -> bool")
+        # With a filter, rank everything and keep the top k that match: filtering the top k
+        # would return fewer documents than exist (and never another tenant's).
+        hits = self._corpus.search(query, k if where is None else max(k, len(self._corpus)))
         docs = []
-        for hit in self._corpus.search(query, k):
+        for hit in hits:
+            if len(docs) >= k:
+                break
             if self.min_score is not None and hit.score <= self.min_score:
+                continue
+            if not self._matches(hit.metadata, where):
                 continue
             content = hit.reference if self.mode == "reference" else f"{hit.reference}\n{hit.excerpt}"
             metadata = {

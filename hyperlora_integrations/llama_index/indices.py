@@ -9,7 +9,9 @@ is LlamaIndex's own ``RetrieverQueryEngine`` with its default response synthesiz
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .._optional import require
@@ -23,12 +25,72 @@ from llama_index.core.ingestion import run_transformations  # noqa: E402
 from llama_index.core.llms import LLM  # noqa: E402
 from llama_index.core.schema import BaseNode, Document, MetadataMode, TransformComponent  # noqa: E402
 from llama_index.core.settings import Settings  # noqa: E402
+from llama_index.core.vector_stores.types import MetadataFilters  # noqa: E402
 
+from .._arguments import unexpected  # noqa: E402
 from ..adapters import AdapterStore, InternalizedCorpus  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
 from .llms import HyperLoRALLM  # noqa: E402
-from .retrievers import REF_DOC_ID_KEY, HyperLoRARetriever  # noqa: E402
+from .retrievers import DOC_HASH_KEY, REF_DOC_ID_KEY, HyperLoRARetriever  # noqa: E402
+
+# VectorStoreIndex arguments with no meaning for adapters: accepted so that only the class name
+# changes in a swap, and ignored (documented in docs/llamaindex.md). Anything else raises.
+_INDEX_IGNORED = ("embed_model", "use_async", "store_nodes_override", "insert_batch_size", "objects", "index_struct")
+# VectorIndexRetriever arguments that only mean something to embeddings.
+_RETRIEVER_IGNORED = (
+    "vector_store_query_mode",
+    "alpha",
+    "sparse_top_k",
+    "hybrid_top_k",
+    "embed_model",
+    "object_map",
+    "vector_store_kwargs",
+    "verbose",
+)
+
+
+def check_vector_index_kwargs(owner: str, kwargs: dict[str, Any], ignored: Sequence[str]) -> None:
+    """Accept (and ignore) the vector-only arguments ``ignored``; refuse any other keyword."""
+    unknown = [key for key in kwargs if key not in ignored]
+    if unknown:
+        raise unexpected(owner, unknown, ["model", "store", "namespace", "transformations", *ignored])
+
+
+def _default_model(model: Any) -> HyperLoRAModel:
+    """``model=`` as given, else the model of ``Settings.llm`` when that is a ``HyperLoRALLM``."""
+    if model is None:
+        configured = getattr(Settings, "_llm", None)  # the public Settings.llm would build OpenAI's
+        if isinstance(configured, HyperLoRALLM):
+            return configured.hyperlora_model
+        raise InvalidInputError(
+            "InternalizedIndex needs a model: pass model=HyperLoRAModel..., or set "
+            "Settings.llm = HyperLoRALLM(model) first"
+        )
+    if not isinstance(model, HyperLoRAModel):
+        raise InvalidInputError(f"model must be a HyperLoRAModel, got {type(model).__name__}")
+    return model
+
+
+class AdapterStorageContext:
+    """What ``index.storage_context`` gives: the ``AdapterStore`` the index writes through to.
+
+    A ``VectorStoreIndex`` is persisted with ``index.storage_context.persist(persist_dir)``; an
+    ``InternalizedIndex`` is persisted as it is built, in its store. ``persist()`` (or with the
+    store's own directory) is therefore a no-op; another directory raises, because copying a
+    temporary store would not make the next run find it: build with ``store=AdapterStore(dir)``.
+    """
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+
+    def persist(self, persist_dir: str | os.PathLike | None = None, **_: Any) -> None:
+        if persist_dir is None or Path(persist_dir).resolve() == self.store.path.resolve():
+            return
+        raise InvalidInputError(
+            f"this index's adapters live in the store at {self.store.path}; to keep them in {persist_dir}, "
+            f"build the index with store=AdapterStore({str(persist_dir)!r}) (it is written as it is built)"
+        )
 
 
 class InternalizedIndex:
@@ -57,20 +119,26 @@ class InternalizedIndex:
     def from_documents(
         cls,
         documents: Sequence[Document],
+        storage_context: Any = None,
+        show_progress: bool = False,
+        callback_manager: CallbackManager | None = None,
+        transformations: Sequence[TransformComponent] | None = None,
         *,
-        model: HyperLoRAModel,
+        model: HyperLoRAModel | None = None,
         store: AdapterStore | None = None,
         namespace: str = "default",
-        transformations: Sequence[TransformComponent] | None = None,
-        callback_manager: CallbackManager | None = None,
-        show_progress: bool = False,
+        **kwargs: Any,
     ) -> InternalizedIndex:
         """Internalize ``documents`` into ``store`` (a private temporary store if None).
 
         An existing store namespace is reopened with what it already holds, so a persistent
-        store survives restarts without internalizing anything twice.
+        store survives restarts without internalizing anything twice. ``model`` defaults to the
+        model of ``Settings.llm`` when that is a ``HyperLoRALLM``. ``VectorStoreIndex``
+        arguments that have no meaning here (``storage_context``, ``embed_model``, ``use_async``,
+        ...) are accepted and ignored, so only the class name changes; unknown ones raise.
         """
-        corpus = InternalizedCorpus(model, store, namespace=namespace)
+        check_vector_index_kwargs("InternalizedIndex.from_documents", kwargs, _INDEX_IGNORED)
+        corpus = InternalizedCorpus(_default_model(model), store, namespace=namespace)
         index = cls(corpus, transformations=transformations, callback_manager=callback_manager)
         index._add(documents, show_progress=show_progress)
         return index
@@ -105,12 +173,14 @@ class InternalizedIndex:
     def _add(self, documents: Sequence[BaseNode], *, show_progress: bool = False) -> list[str]:
         nodes = self._nodes(documents, show_progress)
         texts = [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes]
+        hashes = {doc.node_id: doc.hash for doc in documents}
         metadatas = []
         for node in nodes:
             meta = dict(node.metadata)
             # A Document is its own source; a split node points at the Document it came from.
             ref_doc_id = node.ref_doc_id if node.ref_doc_id is not None else node.node_id
             meta[REF_DOC_ID_KEY] = ref_doc_id
+            meta[DOC_HASH_KEY] = hashes.get(ref_doc_id, node.hash)  # what refresh_ref_docs compares
             metadatas.append(meta)
         return self.corpus.add_texts(texts, metadatas)
 
@@ -134,11 +204,119 @@ class InternalizedIndex:
         """Forget adapters (their ids are the ``node_id``s the retriever returns)."""
         self.corpus.delete(adapter_ids)
 
+    def _adapters_of(self, ref_doc_id: str) -> list[str]:
+        return [aid for aid, meta in list(self.corpus._meta.items()) if meta.get(REF_DOC_ID_KEY) == ref_doc_id]
+
+    def delete_ref_doc(self, ref_doc_id: str, delete_from_docstore: bool = False, **delete_kwargs: Any) -> None:
+        """Delete every adapter made from the ``Document`` ``ref_doc_id`` (as ``VectorStoreIndex`` does).
+
+        ``delete_from_docstore`` is accepted for compatibility: there is no docstore, the
+        adapters and their text live in the store and are removed together.
+        """
+        if delete_kwargs:
+            raise unexpected("InternalizedIndex.delete_ref_doc", delete_kwargs, ["ref_doc_id", "delete_from_docstore"])
+        if not isinstance(ref_doc_id, str):
+            raise InvalidInputError(f"ref_doc_id must be a str, got {type(ref_doc_id).__name__}")
+        self.corpus.delete(self._adapters_of(ref_doc_id))
+
+    def refresh_ref_docs(self, documents: Sequence[Document], **update_kwargs: Any) -> list[bool]:
+        """Insert new documents, re-internalize changed ones (by ``Document.hash``), skip the rest.
+
+        Returns, per document, whether it was (re)internalized, as ``VectorStoreIndex`` does.
+        """
+        if update_kwargs:
+            raise unexpected("InternalizedIndex.refresh_ref_docs", update_kwargs, ["documents"])
+        if isinstance(documents, BaseNode):
+            raise InvalidInputError("pass a list of documents, not one document")
+        changed = []
+        for doc in documents:
+            if not isinstance(doc, BaseNode):
+                raise InvalidInputError(f"expected LlamaIndex Documents, got {type(doc).__name__}")
+            existing = self._adapters_of(doc.node_id)
+            if existing and all(self.corpus._meta[a].get(DOC_HASH_KEY) == doc.hash for a in existing):
+                changed.append(False)
+                continue
+            if existing:
+                self.corpus.delete(existing)
+            self._add([doc])
+            changed.append(True)
+        return changed
+
+    @property
+    def ref_doc_ids(self) -> list[str]:
+        """Ids of the source ``Document``s this index holds adapters of."""
+        return sorted({str(m[REF_DOC_ID_KEY]) for m in list(self.corpus._meta.values()) if REF_DOC_ID_KEY in m})
+
+    @property
+    def storage_context(self) -> AdapterStorageContext:
+        """Where this index lives; ``storage_context.persist()`` as after a ``VectorStoreIndex``."""
+        return AdapterStorageContext(self.store)
+
     # ------------------------------------------------------------------ reads
-    def as_retriever(self, similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, **_: Any) -> HyperLoRARetriever:
-        """A retriever over this index; extra keyword arguments are ignored as VectorStoreIndex does."""
+    def as_retriever(
+        self,
+        similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
+        *,
+        filters: MetadataFilters | None = None,
+        doc_ids: Sequence[str] | None = None,
+        node_ids: Sequence[str] | None = None,
+        min_score: float | None = 0.0,
+        **kwargs: Any,
+    ) -> HyperLoRARetriever:
+        """A retriever over this index, taking ``VectorIndexRetriever``'s arguments.
+
+        ``filters``, ``doc_ids`` and ``node_ids`` narrow the documents as in a vector index;
+        vector-only arguments (``vector_store_query_mode``, ``alpha``, ``embed_model``, ...) are
+        ignored; unknown ones raise ``TypeError``.
+        """
+        check_vector_index_kwargs("InternalizedIndex.as_retriever", kwargs, _RETRIEVER_IGNORED)
         return HyperLoRARetriever(
-            self.corpus, similarity_top_k=similarity_top_k, callback_manager=self.callback_manager
+            self.corpus,
+            similarity_top_k=similarity_top_k,
+            filters=filters,
+            doc_ids=doc_ids,
+            node_ids=node_ids,
+            min_score=min_score,
+            callback_manager=self.callback_manager,
+        )
+
+    def _split_retriever_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        keys = {"similarity_top_k", "filters", "doc_ids", "node_ids", "min_score", *_RETRIEVER_IGNORED}
+        retriever = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
+        return retriever, kwargs
+
+    def as_chat_engine(self, chat_mode: str = "best", llm: LLM | None = None, **kwargs: Any) -> Any:
+        """A chat engine over this index, as ``VectorStoreIndex.as_chat_engine`` builds it.
+
+        ``best`` is ``condense_plus_context`` (what LlamaIndex picks for an LLM without function
+        calling); ``context``, ``condense_question`` and ``simple`` work as there. Retriever
+        arguments (``similarity_top_k``, ``filters``, ...) go to ``as_retriever``, the rest to
+        the chat engine's ``from_defaults``.
+        """
+        from llama_index.core.chat_engine import (
+            CondensePlusContextChatEngine,
+            CondenseQuestionChatEngine,
+            ContextChatEngine,
+            SimpleChatEngine,
+        )
+
+        mode = str(getattr(chat_mode, "value", chat_mode))
+        llm = self._resolve_llm(llm)
+        retriever_kwargs, kwargs = self._split_retriever_kwargs(dict(kwargs))
+        if mode in ("best", "condense_plus_context"):
+            return CondensePlusContextChatEngine.from_defaults(
+                retriever=self.as_retriever(**retriever_kwargs), llm=llm, **kwargs
+            )
+        if mode == "context":
+            return ContextChatEngine.from_defaults(retriever=self.as_retriever(**retriever_kwargs), llm=llm, **kwargs)
+        if mode == "condense_question":
+            engine = self.as_query_engine(llm=llm, **retriever_kwargs)
+            return CondenseQuestionChatEngine.from_defaults(query_engine=engine, llm=llm, **kwargs)
+        if mode == "simple":
+            return SimpleChatEngine.from_defaults(llm=llm, **kwargs)
+        raise InvalidInputError(
+            f"chat_mode {chat_mode!r}: use best, condense_plus_context, context, condense_question or simple "
+            "(agent modes were removed from LlamaIndex; wrap index.as_query_engine() in a QueryEngineTool)"
         )
 
     def bound_llm(self, **kwargs: Any) -> HyperLoRALLM:
@@ -177,10 +355,12 @@ class InternalizedIndex:
         ``llm`` defaults to ``Settings.llm`` when that is a ``HyperLoRALLM``, else to one bound to
         this index; a ``HyperLoRALLM`` without a store gets a copy bound to this index's store.
         Any other LLM is refused: it would receive references as text and no adapters.
-        ``similarity_top_k`` goes to the retriever, everything else to
-        ``RetrieverQueryEngine.from_args`` (``response_mode``, ``streaming``, templates, ...).
+        Retriever arguments (``similarity_top_k``, ``filters``, ``doc_ids``, ...) go to
+        ``as_retriever``, everything else to ``RetrieverQueryEngine.from_args``
+        (``response_mode``, ``streaming``, templates, ...).
         """
         from llama_index.core.query_engine import RetrieverQueryEngine
 
-        retriever = self.as_retriever(similarity_top_k=kwargs.pop("similarity_top_k", DEFAULT_SIMILARITY_TOP_K))
+        retriever_kwargs, kwargs = self._split_retriever_kwargs(dict(kwargs))
+        retriever = self.as_retriever(**retriever_kwargs)
         return RetrieverQueryEngine.from_args(retriever, llm=self._resolve_llm(llm), **kwargs)

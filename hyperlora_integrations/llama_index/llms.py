@@ -43,6 +43,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback  # noqa: E402
 from llama_index.core.llms.custom import CustomLLM  # noqa: E402
 
+from .._arguments import check_generation_kwargs, is_generation_name, model_from, unexpected  # noqa: E402
 from ..adapters import AdapterStore, ReferenceResolver, Resolution  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..generation import Chunk, SamplingParams  # noqa: E402
@@ -128,15 +129,33 @@ class HyperLoRALLM(CustomLLM):
     reference_ttl: float | None = Field(
         default=3600.0, description="References older than this many seconds are rejected; None never expires."
     )
+    generate_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further generation arguments for every call (as HuggingFaceLLM's generate_kwargs); "
+        "names the core decoder does not accept raise at construction.",
+    )
 
     _model: HyperLoRAModel = PrivateAttr()
     _store: AdapterStore | None = PrivateAttr(default=None)
     _resolver: ReferenceResolver | None = PrivateAttr(default=None)
     _resolver_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
-    def __init__(self, model: HyperLoRAModel, *, store: AdapterStore | None = None, **kwargs: Any) -> None:
-        if not isinstance(model, HyperLoRAModel):
-            raise InvalidInputError(f"model must be a HyperLoRAModel, got {type(model).__name__}")
+    def __init__(
+        self, model: HyperLoRAModel | str | None = None, *, store: AdapterStore | None = None, **kwargs: Any
+    ) -> None:
+        # A model name or path loads that model (shared per process), as ChatHyperLoRA does;
+        # None is the default model.
+        model = model_from(model, "HyperLoRALLM")
+        if "max_tokens" in kwargs:  # the OpenAI-style name of max_new_tokens
+            if "max_new_tokens" in kwargs:
+                raise TypeError("HyperLoRALLM: pass max_new_tokens or max_tokens, not both")
+            kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
+        fields = set(type(self).model_fields)
+        unknown = [key for key in kwargs if key not in fields]
+        if unknown:  # CustomLLM would drop them silently
+            raise unexpected("HyperLoRALLM", unknown, [*fields, "max_tokens", "store"])
+        if kwargs.get("generate_kwargs"):
+            check_generation_kwargs("HyperLoRALLM generate_kwargs", dict(kwargs["generate_kwargs"]), fields)
         kwargs.setdefault("model_name", model.name)
         super().__init__(**kwargs)
         if self.context_window is not None and self.context_window > model.max_context:
@@ -205,9 +224,11 @@ class HyperLoRALLM(CustomLLM):
     def _prepare(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
         extra = kwargs.pop("adapters", None) or ()
         kwargs.pop("formatted", None)  # meaningful to completion-style LLMs only
-        unknown = set(kwargs) - _SAMPLING_KWARGS
+        generation = {key: kwargs.pop(key) for key in list(kwargs) if key not in _SAMPLING_KWARGS}
+        unknown = [key for key in generation if not is_generation_name(key)]
         if unknown:
-            raise TypeError(f"HyperLoRALLM got unexpected keyword arguments {sorted(unknown)}")
+            raise unexpected("HyperLoRALLM", unknown, [*_SAMPLING_KWARGS, "adapters"])
+        generation = {**self.generate_kwargs, **generation}
         if isinstance(extra, Adapter):
             extra = [extra]
         extra = list(extra)
@@ -219,6 +240,7 @@ class HyperLoRALLM(CustomLLM):
         if "max_tokens" in kwargs and "max_new_tokens" in kwargs:
             raise TypeError("pass max_new_tokens or max_tokens, not both")
         sampling = {
+            **generation,
             "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
             "temperature": kwargs.get("temperature", self.temperature),
             "top_p": kwargs.get("top_p", self.top_p),

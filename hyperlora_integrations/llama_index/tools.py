@@ -19,9 +19,10 @@ require("llama_index.core", "llamaindex")
 from llama_index.core.bridge.pydantic import BaseModel, Field, create_model  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
-from ..errors import AdapterNotFoundError, InvalidInputError  # noqa: E402
+from .._arguments import check_tool_generation  # noqa: E402
+from ..errors import InvalidInputError  # noqa: E402
 from ..lora import Adapter  # noqa: E402
-from ..skills import SkillLibrary  # noqa: E402
+from ..skills import Skill, SkillLibrary, tool_skill_adapter  # noqa: E402
 from .llms import HyperLoRALLM  # noqa: E402
 
 # Tool names end up in prompts and in function-calling schemas: keep to the portable alphabet.
@@ -48,6 +49,7 @@ def skill_tool(
     name: str,
     description: str,
     *,
+    skill: str | Adapter | Skill | None = None,
     library: SkillLibrary | None = None,
     tool_description: str | None = None,
     return_direct: bool = False,
@@ -55,11 +57,13 @@ def skill_tool(
 ) -> SkillTool:
     """A tool that runs ``llm`` with the skill adapter for ``description`` active.
 
+    Same arguments as the LangChain ``skill_tool``: ``skill`` overrides what the adapter is
+    made from (a description, a library skill name, a ``Skill`` or an ``Adapter``);
     ``library`` (a core ``SkillLibrary``) persists the skill under ``name`` and reuses it when
     it already holds that name with the same description, so restarts do not regenerate it.
     ``tool_description`` is what the agent reads to choose the tool (defaults to
     ``description``). ``generation`` keyword arguments (``max_new_tokens``, ``temperature``,
-    ...) apply to every call of the tool.
+    ...) apply to every call of the tool and are checked now, not at the first call.
     """
     if not isinstance(llm, HyperLoRALLM):
         raise InvalidInputError(f"llm must be a HyperLoRALLM, got {type(llm).__name__}")
@@ -67,22 +71,8 @@ def skill_tool(
         raise InvalidInputError(f"invalid tool name {name!r}: use a letter or '_' then letters, digits, '_', '-'")
     if not isinstance(description, str) or not description.strip():
         raise InvalidInputError("a skill needs a non-empty description")
-    model = llm.hyperlora_model
-    if library is not None:
-        if (library.model.name, library.model.fingerprint) != (model.name, model.fingerprint):
-            raise InvalidInputError("the skill library was built on a different base model than the LLM")
-        try:
-            skill = library.get(name)
-        except AdapterNotFoundError:
-            skill = None
-        if skill is None or skill.description != description:
-            skill = library.add(name, description)
-        adapter = skill.adapter
-    else:
-        adapter = model.generate_skill(description)
-        adapter.metadata.kind = "skill"
-        adapter.metadata.description = description
-        adapter.metadata.skill_name = name
+    check_tool_generation("skill_tool", generation)
+    adapter = tool_skill_adapter(llm.hyperlora_model, name, description, skill=skill, library=library)
 
     def run(input: str) -> str:
         return llm.complete(input, adapters=[adapter], **generation).text
