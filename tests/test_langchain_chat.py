@@ -147,7 +147,7 @@ def test_response_metadata_names_adapters_and_how_they_were_served(model, retrie
     meta = msg.response_metadata
     assert [a["id"] for a in meta["adapters"]] == [d.metadata["adapter_id"] for d in docs]
     assert all(a["via"] == "reference" and a["kind"] == "document" for a in meta["adapters"])
-    assert meta["served_by"] == {d.metadata["adapter_id"]: "adapter" for d in docs}
+    assert meta["served_by"] == {d.metadata["adapter_id"]: "instant" for d in docs}
     assert meta["references_rejected"] == 0
     assert meta["adapters"][0]["source"] == "river.txt"
 
@@ -589,13 +589,13 @@ def test_skill_tool_runs_the_model_with_the_skill(model, record):
     llm = llm_for(model)
     translate = skill_tool(llm, "translate_to_french", "Translate English text into French.")
     assert translate.name == "translate_to_french"
-    assert "request" in translate.args
+    assert "input" in translate.args
     recorder = record()
-    out = translate.invoke({"request": "Good morning"})
+    out = translate.invoke({"input": "Good morning"})
     assert isinstance(out, str)
     assert len(recorder.adapter_ids) == 1
     assert recorder.calls[-1]["adapters"][0].kind == "skill"
-    assert asyncio.run(translate.ainvoke({"request": "Good night"})) is not None
+    assert asyncio.run(translate.ainvoke({"input": "Good night"})) is not None
     with pytest.raises(InvalidInputError):
         skill_tool(llm, "bad name!", "x")
 
@@ -638,7 +638,7 @@ def test_langgraph_agent_calls_a_skill_tool(model, monkeypatch):
 
     outputs = iter(
         [
-            '<tool_call>[{"name": "translate_to_french", "arguments": {"request": "Good morning"}}]</tool_call>',
+            '<tool_call>[{"name": "translate_to_french", "arguments": {"input": "Good morning"}}]</tool_call>',
             "Bonjour",  # the skill tool's own model call
             "It is: Bonjour",
         ]
