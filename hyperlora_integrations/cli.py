@@ -1,12 +1,57 @@
-"""``hyperlora``: demo, train, eval, bench, export, drain.
+"""``hyperlora``: demo, train, eval, bench, export, drain, serve, ingest, import.
 
-Subcommands import their modules lazily so ``hyperlora --help`` is instant.
+Subcommands import their modules lazily (and the package imports torch lazily), so
+``hyperlora --help`` and ``--version`` are instant. A mistake the user can fix (a missing or
+unreadable input, a bad argument, a ``HyperLoRAError``) is one line on stderr and a non-zero exit,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
+
+PROG = "hyperlora"
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _version() -> str:
+    """The installed distribution's version, read without importing the package's dependencies."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hyperlora-integrations")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _kinds_help(command: str, kinds: dict[str, str]) -> str:
+    width = max(map(len, kinds))
+    lines = [f"usage: {PROG} {command} {{{','.join(kinds)}}} [options]", ""]
+    lines += [f"  {kind:<{width}}  {text}" for kind, text in kinds.items()]
+    lines += ["", f"`{PROG} {command} KIND --help` lists the options of each."]
+    return "\n".join(lines)
+
+
+def _dispatch(command: str, argv: list[str], kinds: dict[str, str]) -> str | int:
+    """The chosen kind, or an exit code after printing help (0) or an error (2)."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(_kinds_help(command, kinds))
+        return 0
+    if not argv or argv[0] not in kinds:
+        print(_kinds_help(command, kinds), file=sys.stderr)
+        given = f"unknown kind {argv[0]!r}" if argv else "which one?"
+        close = difflib.get_close_matches(argv[0], kinds, n=1) if argv else []
+        return _fail(command, given + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return argv[0]
 
 
 def _demo(argv: list[str]) -> int:
@@ -22,11 +67,22 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+TRAIN_KINDS = {
+    "d2l": "train a Doc-to-LoRA hypernetwork (documents -> adapters)",
+    "t2l": "train a Text-to-LoRA hypernetwork (task descriptions -> adapters)",
+}
+EVAL_KINDS = {
+    "d2l": "Doc-to-LoRA on held-out questions (NLL gap closed, token F1, mismatched control)",
+    "t2l": "Text-to-LoRA on held-out tasks (task metric vs description in the prompt)",
+    "long": "internalize a 32k-token document with the fact in its last chunk (memory, latency)",
+}
+
+
 def _train(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("d2l", "t2l"):
-        print("usage: hyperlora train {d2l,t2l} [options]  (see --help of each)", file=sys.stderr)
-        return 2
-    if argv[0] == "d2l":
+    kind = _dispatch("train", argv, TRAIN_KINDS)
+    if isinstance(kind, int):
+        return kind
+    if kind == "d2l":
         from .training.train_d2l import main
     else:
         from .training.train_t2l import main
@@ -35,12 +91,12 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("d2l", "t2l", "long"):
-        print("usage: hyperlora eval {d2l,t2l,long} [options]", file=sys.stderr)
-        return 2
-    if argv[0] == "d2l":
+    kind = _dispatch("eval", argv, EVAL_KINDS)
+    if isinstance(kind, int):
+        return kind
+    if kind == "d2l":
         from .training.eval_d2l import main
-    elif argv[0] == "t2l":
+    elif kind == "t2l":
         from .training.eval_t2l import main
     else:
         from .bench.long_document import main
@@ -63,16 +119,43 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--base-model", default=None)
     p.add_argument("--d2l", default="default", help="Doc-to-LoRA checkpoint directory")
     args = p.parse_args(argv)
-    from pathlib import Path
-
+    # Check the inputs before loading the model (seconds): a typo costs one line, not a traceback.
+    text = _read_document(args.document)
+    if isinstance(text, int):
+        return text
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail("export", f"{out} exists and is not a directory")
+    if args.d2l != "default" and not Path(args.d2l).is_dir():
+        return _fail("export", f"--d2l {args.d2l}: no such checkpoint directory")
     from .model import HyperLoRAModel
 
     model = HyperLoRAModel.from_pretrained(args.base_model, d2l=args.d2l, t2l=None)
-    text = Path(args.document).read_text(encoding="utf-8")
+    if model.d2l is None:
+        hint = f"pass --d2l DIR (train one with `{PROG} train d2l`)"
+        return _fail("export", f"no Doc-to-LoRA checkpoint for {model.name}: {hint}", 1)
     adapter = model.internalize(text, source=args.document, progress=True)
     path = model.export_adapter(adapter, args.out)
     print(f"wrote {adapter} to {path}")
     return 0
+
+
+def _read_document(name: str) -> str | int:
+    """The document's text, or an exit code after one line saying what is wrong with it."""
+    path = Path(name)
+    if not path.exists():
+        return _fail("export", f"{name}: no such file")
+    if not path.is_file():
+        return _fail("export", f"{name}: not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return _fail("export", f"{name}: not UTF-8 text (byte {exc.start}); convert it, e.g. with iconv")
+    except OSError as exc:
+        return _fail("export", f"{name}: cannot read it ({exc.strerror})")
+    if not text.strip():
+        return _fail("export", f"{name}: the document is empty")
+    return text
 
 
 def _drain(argv: list[str]) -> int:
@@ -126,21 +209,41 @@ COMMANDS = {
 }
 
 
+USAGE = f"""usage: {PROG} [--version] {{{",".join(COMMANDS)}}} [options]
+
+  demo    answer questions about a built-in document: no doc / doc in prompt / adapter
+  train   train a hypernetwork: `train d2l` (Doc-to-LoRA) or `train t2l` (Text-to-LoRA)
+  eval    evaluate on held-out data: `eval d2l`, `eval t2l`, `eval long` (32k-token document)
+  bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)
+  export  internalize a text file and save the adapter in PEFT format
+  drain   finish a store's queued background internalizations, with a progress bar
+  serve   OpenAI-compatible HTTP API on Ray Serve, adapters per request (extra [serve])
+  ingest  internalize a corpus (text/JSONL/parquet) into a store on Ray Data (extra [serve])
+  import  convert Sakana's released hypernetworks: `import sakana-d2l PATH OUT`, `import sakana-t2l DIR OUT`
+
+`{PROG} COMMAND --help` lists the options of each."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: hyperlora {" + ",".join(COMMANDS) + "} [options]\n")
-        print("  demo    answer questions about a built-in document: no doc / doc in prompt / adapter")
-        print("  train   train a hypernetwork: `train d2l` (Doc-to-LoRA) or `train t2l` (Text-to-LoRA)")
-        print("  eval    evaluate on held-out data: `eval d2l`, `eval t2l`, `eval long` (32k-token document)")
-        print("  bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)")
-        print("  export  internalize a text file and save the adapter in PEFT format")
-        print("  drain   finish a store's queued background internalizations, with a progress bar")
-        print("  serve   OpenAI-compatible HTTP API on Ray Serve, adapters per request (extra [serve])")
-        print("  ingest  internalize a corpus (text/JSONL/parquet) into a store on Ray Data (extra [serve])")
-        print("  import  convert Sakana's released hypernetworks: `import sakana-d2l PATH OUT`, `import sakana-t2l DIR OUT`")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"{PROG} {_version()}")
+        return 0
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(USAGE, file=sys.stderr)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"{PROG}: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+        return 2
+    from .errors import HyperLoRAError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except HyperLoRAError as exc:  # the user's to fix: one line, no traceback
+        return _fail(argv[0], str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1)
 
 
 if __name__ == "__main__":
