@@ -387,6 +387,21 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._mask = torch.zeros(width, dtype=torch.int32)
         self._bits = torch.arange(32, dtype=torch.int32)
 
+    def set_budget(self, max_new_tokens: int) -> None:
+        """Turn on budget-aware closing; refuse a budget below the shortest valid output.
+
+        Checked before generating, so a ``max_new_tokens`` that cannot hold even the shortest
+        output of the grammar (a forced tool call is ~25 tokens) fails with a clear message
+        instead of returning a cut-off call.
+        """
+        path = self._closing_path(self.cache.matcher(self.grammar), _START, max_new_tokens + 64)
+        if path is not None and len(path) > max_new_tokens:
+            raise InvalidInputError(
+                f"max_new_tokens={max_new_tokens} is too small for {self.grammar.describe}: its shortest valid "
+                f"output takes {len(path)} tokens; raise max_new_tokens (max_tokens in LangChain/LlamaIndex)"
+            )
+        self.max_new_tokens = max_new_tokens
+
     # -- state
     def _sync(self, input_ids: torch.Tensor) -> None:
         rows, length = input_ids.shape

@@ -375,7 +375,7 @@ class HyperLoRAModel:
             raise InvalidInputError(f"bad sampling arguments {sorted(sampling)}: {exc}") from None
         ids, scope = self._prepare(prompt, adapters, system, context, params)
         if constraint is not None:  # budget-aware closing needs the budget of this prompt
-            constraint.max_new_tokens = params.new_tokens_for(len(ids))
+            constraint.set_budget(params.new_tokens_for(len(ids)))
         yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
 
     def stream(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> Iterator[str]:

@@ -5,8 +5,13 @@ Pure Python (no LangChain import) so it can be tested on strings alone. The form
 them) saw in training: the schemas go into the system prompt as JSON and the model answers
 ``<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>``.
 
+The schemas in the prompt tell the model *what* to call; ``grammar_options`` turns the same tools
+(or a ``response_format``) into the grammar that decoding is constrained to (``constrained.py``),
+so a call that is started is a well-formed call of a bound tool with schema-valid arguments, and
+a forced ``tool_choice`` always yields one.
+
 Parsing never raises: anything that is not a well-formed call of a bound tool is left as plain
-text, so a small model's malformed attempt degrades to an ordinary answer.
+text (which only a caller's own scripted or unconstrained output can still produce).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def render_tools(tools: Sequence[ToolSpec], choice: str | None) -> str:
     """The system-prompt block that describes ``tools`` and how to call them.
 
     ``choice`` is ``None``/"auto" (model decides), "any" (must call some tool) or a tool name.
-    It is an instruction, not a grammar constraint: a model may still ignore it.
+    The instruction says what to do; ``grammar_options`` makes decoding obey it.
     """
     schemas = json.dumps([t.as_prompt_json() for t in tools], ensure_ascii=False)
     lines = [
@@ -70,6 +75,51 @@ def render_tools(tools: Sequence[ToolSpec], choice: str | None) -> str:
     else:
         lines.append("If no tool is needed, answer the user directly in plain text.")
     return "\n".join(lines)
+
+
+def _response_schema(response_format: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON schema a ``response_format`` asks for (``{"type": "object"}`` for bare JSON mode).
+
+    Accepts our own ``{"type": "json_schema" | "json_mode", "schema": ...}`` and OpenAI's
+    ``{"type": "json_object"}`` and ``{"type": "json_schema", "json_schema": {"schema": ...}}``.
+    """
+    kind = response_format.get("type")
+    if kind not in ("json_schema", "json_mode", "json_object"):
+        raise ValueError(f"response_format type {kind!r}: use json_schema, json_mode or json_object")
+    schema = response_format.get("schema")
+    if schema is None and isinstance(response_format.get("json_schema"), Mapping):
+        schema = response_format["json_schema"].get("schema")
+    if kind == "json_schema" and not schema:
+        raise ValueError("response_format type 'json_schema' needs a schema")
+    return dict(schema) if schema else {"type": "object"}
+
+
+def grammar_options(
+    tools: Sequence[ToolSpec],
+    choice: str | None,
+    parallel: bool,
+    response_format: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``HyperLoRAModel.stream_chunks`` options that constrain one chat call's decoding.
+
+    Bound tools give the tool-call grammar (plain text stays possible unless ``choice`` forces a
+    call); a ``response_format`` gives its JSON schema, in JSON mode too when a schema is given,
+    since the parser would reject any other object. Both at once is ambiguous and refused.
+    """
+    if tools and response_format:
+        raise ValueError(
+            "a call cannot both bind tools and set response_format: use with_structured_output("
+            "method='function_calling') for a tool-shaped answer, or unbind the tools"
+        )
+    if tools:
+        return {
+            "tools": [{"name": t.name, "parameters": t.parameters} for t in tools],
+            "tool_choice": choice,
+            "parallel_tool_calls": parallel,
+        }
+    if response_format:
+        return {"json_schema": _response_schema(response_format)}
+    return {}
 
 
 def render_calls(calls: Sequence[Mapping[str, Any]]) -> str:
