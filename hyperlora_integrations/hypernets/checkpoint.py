@@ -29,9 +29,20 @@ SHIPPED = {"d2l": SHIPPED_DIR / "d2l-smollm2-135m", "t2l": SHIPPED_DIR / "t2l-sm
 
 def _classes():
     from .d2l import DocToLoRA
+    from .sakana_d2l import SakanaD2LConfig, SakanaDocToLoRA
+    from .sakana_t2l import SakanaT2LConfig, SakanaTextToLoRA
     from .t2l import TextToLoRA
 
-    return {"d2l": (D2LConfig, DocToLoRA), "t2l": (T2LConfig, TextToLoRA)}
+    return {
+        "d2l": (D2LConfig, DocToLoRA),
+        "t2l": (T2LConfig, TextToLoRA),
+        # imported from Sakana's releases (``hyperlora import``); their 7B-model D2L is ~2.5 GB in float32
+        "sakana-d2l": (SakanaD2LConfig, SakanaDocToLoRA),
+        "sakana-t2l": (SakanaT2LConfig, SakanaTextToLoRA),
+    }
+
+
+IMPORTED_MAX_BYTES = 2**34
 
 
 def save(
@@ -65,6 +76,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", max_byt
         config = config_cls.model_validate(raw)
     except ValidationError as exc:
         raise CheckpointError(f"invalid config in {path}: {exc}") from exc
+    if raw["kind"].startswith("sakana-"):
+        max_bytes = max(max_bytes, IMPORTED_MAX_BYTES)
     state = st_load(read_checked(path / WEIGHTS_NAME, max_bytes=max_bytes))
     net = net_cls(config)
     expected = net.state_dict()
@@ -92,6 +105,6 @@ def resolve(kind: str, spec: str | os.PathLike | None, *, shipped: bool, device:
             return None
         spec = SHIPPED[kind]
     net = load(spec, device=device)
-    if net.config.kind != kind:
+    if getattr(net, "role", net.config.kind) != kind:
         raise CheckpointError(f"{spec} holds a {net.config.kind} checkpoint, not {kind}")
     return net
