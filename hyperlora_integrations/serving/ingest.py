@@ -40,6 +40,8 @@ class IngestReport(BaseModel):
     skipped: int
     written: int
     failed: dict[str, str] = Field(default_factory=dict)
+    nodes: list[str] = Field(default_factory=list)
+    """Ray node ids whose actors internalized documents in this run."""
     seconds: float
     documents_per_second: float
 
@@ -123,7 +125,10 @@ class Internalizer:
             raise InvalidInputError("this version of HyperLoRAModel has no consolidate(); ingest without --consolidate")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"id": [], "blob": [], "text": [], "error": []}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        out: dict[str, list] = {"id": [], "blob": [], "text": [], "error": [], "node": []}
         for adapter_id, text, meta, source, error in zip(
             batch["id"], batch["text"], batch["metadata"], batch["source"], batch["error"]
         ):
@@ -142,6 +147,7 @@ class Internalizer:
             out["blob"].append(blob)
             out["text"].append(str(text))
             out["error"].append(str(error))
+            out["node"].append(node)
         return out
 
 
@@ -155,13 +161,15 @@ def ingest(
     batch_size: int = 4,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    resources: dict[str, float] | None = None,
     progress: bool = True,
 ) -> IngestReport:
     """Internalize every document of ``paths`` not yet in ``store`` (Ray must be connected).
 
     Ids are ``document_id(namespace, text)``, the ids ``InternalizedCorpus`` and
     ``POST /v1/documents`` give, so documents ingested here are ``model`` values of the server
-    and are skipped by later ingests and ``add_texts`` calls alike.
+    and are skipped by later ingests and ``add_texts`` calls alike. ``resources`` (custom Ray
+    resources per actor) places the actors, e.g. on the nodes with accelerators.
     """
     from tqdm.auto import tqdm
 
@@ -186,19 +194,23 @@ def ingest(
 
         rows = read_corpus(paths).map(with_id).materialize()
         total = rows.count()
-        todo = rows.filter(lambda r: not r["done"]).materialize()
+        todo = rows.filter(lambda r: not r["done"])
         pending = todo.count()
-        results = todo.map_batches(
-            Internalizer,
-            fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "consolidate": consolidate},
-            batch_size=batch_size,
-            concurrency=concurrency,
-            num_cpus=num_cpus,
-        )
-        written, failed = 0, {}
+        written, failed, nodes = 0, {}, set()
+        results = ()
+        if pending:  # no actor (no model load) when everything is stored already
+            results = todo.map_batches(
+                Internalizer,
+                fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "consolidate": consolidate},
+                batch_size=batch_size,
+                concurrency=concurrency,
+                num_cpus=num_cpus,
+                **({"resources": resources} if resources else {}),
+            ).iter_rows()
         bar = tqdm(total=pending, desc="ingest", unit="doc", disable=not progress)
-        for row in results.iter_rows():
+        for row in results:
             bar.update(1)
+            nodes.add(row["node"])
             if row["error"]:
                 failed[row["id"]] = row["error"]
                 continue
@@ -216,6 +228,7 @@ def ingest(
         skipped=total - pending,
         written=written,
         failed=failed,
+        nodes=sorted(nodes),
         seconds=round(seconds, 3),
         documents_per_second=round(written / seconds, 3) if seconds > 0 else 0.0,
     )
