@@ -1,8 +1,8 @@
 """Isolation: many concurrent requests with different adapters on one shared model give exactly
 the token ids they give one at a time, and references cannot cross namespaces.
 
-The token ids are read where decoding picks them (``generation._pick``), per request, through a
-context variable, so each request's ids are its own even when 40 run at once.
+The token ids compared are those each request's last ``Chunk`` reports (``token_ids``): the ids its
+own decoding loop picked, so each request's ids are its own even when 40 run at once.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
 
 import pytest
 import torch
 
-from hyperlora_integrations import generation
 from hyperlora_integrations.adapters import AdapterStore, InternalizedCorpus, ReferenceResolver, store_signer
 from hyperlora_integrations.adapters.references import REF_RE, ReferenceSigner
 from hyperlora_integrations.adapters.worker import drain
@@ -26,31 +24,10 @@ from hyperlora_integrations.skills import SkillLibrary
 N = 40  # concurrent requests per mode (the issue asks for at least 32)
 NEW_TOKENS = 8
 PROMPTS = ["Tell me about the town.", "What happened in 2031?"]
-_IDS: ContextVar[list[int] | None] = ContextVar("test_token_ids", default=None)
-
-
-@pytest.fixture()
-def record_ids(monkeypatch):
-    original = generation._pick
-
-    def pick(logits, params, gen):
-        token = original(logits, params, gen)
-        ids = _IDS.get()
-        if ids is not None:
-            ids.append(token)
-        return token
-
-    monkeypatch.setattr(generation, "_pick", pick)
 
 
 def run(model, prompt, adapters) -> tuple[int, ...]:
-    ids: list[int] = []
-    token = _IDS.set(ids)
-    try:
-        model.complete(prompt, adapters, max_new_tokens=NEW_TOKENS)
-    finally:
-        _IDS.reset(token)
-    return tuple(ids)
+    return model.complete(prompt, adapters, max_new_tokens=NEW_TOKENS).token_ids
 
 
 def random_adapter(model, seed: int, rank: int = 4, scale: float = 0.4) -> Adapter:
@@ -90,28 +67,12 @@ def requests(tiny_model):
 
 @pytest.fixture(scope="module")
 def sequential(tiny_model, requests):
-    ids: list[tuple[int, ...]] = []
-    original = generation._pick
-
-    def pick(logits, params, gen):
-        token = original(logits, params, gen)
-        ids[-1].append(token)
-        return token
-
-    generation._pick = pick
-    try:
-        out = []
-        for prompt, adapters in requests:
-            ids.append([])
-            tiny_model.complete(prompt, adapters, max_new_tokens=NEW_TOKENS)
-            out.append(tuple(ids[-1]))
-    finally:
-        generation._pick = original
+    out = [run(tiny_model, prompt, adapters) for prompt, adapters in requests]
     assert len(set(out)) >= N // 2, "adapters barely change the output: the comparison would prove little"
     return out
 
 
-def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, record_ids):
+def test_threads_match_sequential_token_ids(tiny_model, requests, sequential):
     barrier = threading.Barrier(N)
     results: list[tuple[int, ...] | None] = [None] * N
 
@@ -128,7 +89,7 @@ def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, re
     assert active_weights() is None
 
 
-async def test_asyncio_tasks_match_sequential_token_ids(tiny_model, requests, sequential, record_ids):
+async def test_asyncio_tasks_match_sequential_token_ids(tiny_model, requests, sequential):
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(max_workers=N) as pool:  # all N in flight at once, not the default 6
         loop.set_default_executor(pool)
@@ -154,9 +115,7 @@ def test_interleaved_streams_in_one_thread_do_not_leak(tiny_model, requests, seq
     assert texts == alone
 
 
-def test_background_worker_and_skill_encoder_run_beside_requests(
-    tiny_model, requests, sequential, record_ids, tmp_path
-):
+def test_background_worker_and_skill_encoder_run_beside_requests(tiny_model, requests, sequential, tmp_path):
     """The worker's hypernetwork passes and the skill router's encoder share the model with
     requests: neither may change a request's tokens, and no request's adapter may reach them."""
     docs = [f"Background document {i} describes the canal of Veyra number {i}." for i in range(12)]
