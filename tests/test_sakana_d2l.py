@@ -9,46 +9,23 @@ state dict with their config objects, gzipped here to stay small), and the A/B t
 
 from __future__ import annotations
 
-import gzip
-import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
+from sakana_support import ATOL, FIXTURES, expected, gunzip_checkpoint
 
 from hyperlora_integrations import HyperLoRAModel
 from hyperlora_integrations.errors import BaseModelMismatchError, CheckpointError
 from hyperlora_integrations.hypernets.sakana_import import import_d2l
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sakana"
 D2L_BASES = {
     "gemma2": "gemma-2-2b-it",
     "qwen3": "Qwen3-4B-Instruct-2507",
     "mistral": "Mistral-7B-Instruct-v0.2",
 }
-ATOL = 1e-5
-
-
-def gunzip_checkpoint(family: str, dest: Path) -> Path:
-    """Their checkpoint as released: ``checkpoint-1/pytorch_model.bin``."""
-    target = dest / "checkpoint-1" / "pytorch_model.bin"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        gzip.open(FIXTURES / family / "d2l" / "checkpoint-1" / "pytorch_model.bin.gz") as src,
-        open(target, "wb") as out,
-    ):
-        shutil.copyfileobj(src, out)
-    return target
-
-
-def expected(family: str, what: str = "d2l") -> tuple[dict[str, torch.Tensor], dict]:
-    path = FIXTURES / family / f"expected_{what}.safetensors"
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"])
 
 
 @pytest.fixture(scope="module", params=sorted(D2L_BASES))

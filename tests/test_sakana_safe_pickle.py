@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from sakana_support import FIXTURES
 
 from hyperlora_integrations.errors import CheckpointError, UnsafeFileError
 from hyperlora_integrations.hypernets.safe_pickle import PickledEnum, PickledRecord, as_plain, load_checkpoint
 from hyperlora_integrations.hypernets.sakana_import import import_d2l
-
-FIXTURES = Path(__file__).parent / "fixtures" / "sakana"
 
 
 class RunsCode:

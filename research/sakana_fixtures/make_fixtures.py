@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import os
 import shutil
@@ -204,6 +205,18 @@ T2L_VARIANTS = {  # name: (shared_AB_head, autoreg_gen, learnable_pos_emb)
 
 
 def _patch_t2l(src: Path) -> None:
+    import types
+
+    import peft  # noqa: F401  (before the stand-ins below: transformers probes for wandb)
+    import transformers.generation.utils  # noqa: F401
+    import transformers.models.auto.modeling_auto  # noqa: F401
+
+    # imported at module level by hyper_llm_modulator.utils for training/evaluation only
+    # (experiment logging, metrics); empty stand-ins so the package imports without them
+    for name in ("wandb", "inflect", "torchmetrics", "torchmetrics.text", "torchmetrics.text.rouge"):
+        stub = types.ModuleType(name)
+        stub.ROUGEScore = object
+        sys.modules.setdefault(name, stub)
     sys.path.insert(0, str(src / "src"))
     import torch
     from hyper_llm_modulator import hyper_modulator
@@ -212,8 +225,9 @@ def _patch_t2l(src: Path) -> None:
     original = model_loading.get_model
 
     def get_model_cpu(*args, **kwargs):  # their default: CUDA, bf16, flash-attn
-        kwargs.update(device="cpu", dtype=torch.float32, use_flash_attn=False)
-        return original(*args, **kwargs)
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound.arguments.update(device="cpu", dtype=torch.float32, use_flash_attn=False)
+        return original(*bound.args, **bound.kwargs)
 
     model_loading.get_model = get_model_cpu
 
@@ -285,6 +299,12 @@ def make_t2l(src: Path, out: Path, families: list[str]) -> None:
 
             # reload exactly as their scripts/generate_lora.py does, then generate
             loaded = load_hypermod_checkpoint(str(run_dir / "hypermod.pt"), "cpu")
+            with (
+                open(run_dir / "hypermod.pt", "rb") as fin,
+                gzip.GzipFile(run_dir / "hypermod.pt.gz", "wb", mtime=0) as fout,
+            ):
+                shutil.copyfileobj(fin, fout)  # stored gzipped (the tests unpack it)
+            (run_dir / "hypermod.pt").unlink()
             _args, hm, base, _tok, emb_model, emb_tok, fmt, pool = loaded
             with torch.no_grad():
                 task_emb = embed_texts([DESCRIPTION], emb_model, emb_tok, fmt, pool, "cpu")

@@ -87,6 +87,7 @@ def make_tokenizer(family: str, out: Path):
         eos_token=spec["eos"],
         pad_token=spec["pad"],
         model_max_length=4096,
+        model_input_names=["input_ids", "attention_mask"],  # as the real ones: no token_type_ids
     )
     fast.chat_template = spec["template"]
     fast.save_pretrained(out)
@@ -95,16 +96,7 @@ def make_tokenizer(family: str, out: Path):
 
 def make_model(family: str, vocab: int, out: Path, tokenizer) -> None:
     import torch
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
+    import transformers
 
     common = dict(
         vocab_size=vocab,
@@ -120,14 +112,11 @@ def make_model(family: str, vocab: int, out: Path, tokenizer) -> None:
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.1,
     )
-    cls = {
-        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "llama": (LlamaConfig, LlamaForCausalLM),
-    }[family]
+    prefix = {"gemma2": "Gemma2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama"}[family]
+    config_cls = getattr(transformers, f"{prefix}Config")  # looked up lazily: 4.46 has no Qwen3
+    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
     torch.manual_seed(1234)
-    model = cls[1](cls[0](**common)).eval()
+    model = model_cls(config_cls(**common)).eval()
     model.save_pretrained(out, safe_serialization=True)
 
 
