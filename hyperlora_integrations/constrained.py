@@ -299,9 +299,9 @@ class GrammarCache:
             ids = tokenizer.encode(text, add_special_tokens=False)
             if len(ids) == 1 and ids[0] not in closers:
                 closers.append(ids[0])
-        self.closers = closers
+        self.closer_ids = torch.tensor(closers, dtype=torch.long)
         self._texts: dict[int, str] = {}
-        self._lengths: torch.Tensor | None = None
+        self._by_length: torch.Tensor | None = None
 
     def text(self, token: int) -> str:
         """The text of one token (bytes of a split character are dropped: only ASCII matters here)."""
@@ -311,17 +311,24 @@ class GrammarCache:
             self._texts[token] = text
         return text
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Byte length of every token (EOS and special tokens count as very long)."""
-        if self._lengths is None:
-            big = 1 << 20
+    def shortest_allowed(self, allowed: torch.Tensor) -> int | None:
+        """The allowed non-special token with the shortest text (``None`` if there is none).
+
+        Token ids are kept sorted by length once; the first few hundred (single characters
+        and the like) settle nearly every state without touching the whole vocabulary.
+        """
+        if self._by_length is None:
             lengths = [
-                big if self.ll_tokenizer.is_special_token(t) else len(self.ll_tokenizer.decode_bytes([t]))
+                (len(self.ll_tokenizer.decode_bytes([t])), t)
                 for t in range(self.vocab_size)
+                if not self.ll_tokenizer.is_special_token(t)
             ]
-            self._lengths = torch.tensor(lengths, dtype=torch.int32)
-        return self._lengths
+            self._by_length = torch.tensor([t for _, t in sorted(lengths)], dtype=torch.long)
+        for chunk in (self._by_length[:512], self._by_length):
+            hits = allowed[chunk].nonzero()
+            if len(hits):
+                return int(chunk[hits[0, 0]])
+        return None
 
     def matcher(self, grammar: Grammar):
         """A fresh matcher at the start of ``grammar``; ``InvalidInputError`` if it does not compile."""
@@ -381,6 +388,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._prompt_len = 0
         self._closing_need: list[int | None] = []
         self._states: list[tuple[bool, bool, int]] = []
+        self._probed: list[tuple[bool, bool, int] | None] = []
         self.forced_steps = 0  # how many tokens budget-aware closing chose (for tests and benchmarks)
         cache.matcher(grammar)  # compile now: a bad schema fails at call time, not mid-stream
         width = (cache.vocab_size + 31) // 32
@@ -410,6 +418,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             self._seen = [length] * rows
             self._closing_need = [None] * rows
             self._states = [_START] * rows
+            self._probed = [None] * rows
             self._prompt_len = length
             return
         if rows != len(self._matchers):
@@ -451,10 +460,10 @@ class GrammarLogitsProcessor(LogitsProcessor):
             step = probe.compute_ff_tokens()
             if not step:
                 allowed = self._allowed(probe)
-                candidates = [t for t in self.cache.closers if allowed[t]]
-                lengths = self.cache.lengths.masked_fill(~allowed, 1 << 30)
-                shortest = int(lengths.argmin())
-                if allowed[shortest] and shortest not in self.cache.eos_ids:
+                closers = self.cache.closer_ids
+                candidates = closers[allowed[closers]].tolist()
+                shortest = self.cache.shortest_allowed(allowed)
+                if shortest is not None:
                     candidates.append(shortest)
                 if not candidates:
                     return None
@@ -480,29 +489,36 @@ class GrammarLogitsProcessor(LogitsProcessor):
         need = self._closing_need[row]
         state = self._states[row]
         if need is None or left > need + 4 * self.margin:
-            if need is not None and generated % 4:
+            # Far from the end. The distance to closing changes with the structure (a new object,
+            # a required key written), so it is re-measured when the scan state moves and now and
+            # then; inside a long string nothing is probed.
+            if need is not None and state == self._probed[row] and generated % 16:
                 return None
             path = self._closing_path(matcher, state, left + 4 * self.margin)
             self._closing_need[row] = need = len(path) if path is not None else None
+            self._probed[row] = state
             if need is not None and left > need + 4 * self.margin:
                 return None
         if matcher.is_accepting() and int(allowed.sum()) > 0.9 * self.cache.vocab_size:
             return None  # free text: every token keeps the output valid
-        keep: list[int] = []
+        # Near the end: the best-scoring allowed token that still leaves a way to close in time
+        # (decoding is greedy here; a sampled token could not be checked before it is drawn).
         ranked = scores.masked_fill(~allowed, float("-inf")).topk(min(8, int(allowed.sum()))).indices.tolist()
         for token in ranked:
             if token in self.cache.eos_ids:
                 if matcher.is_accepting():
-                    keep.append(token)
+                    return [token]
                 continue
+            after = _scan(state, self.cache.text(token))
+            if state[0] and after == state and need is not None and need <= left - 1:
+                return [token]  # more text inside a string: closing it takes what it took before
             probe = matcher.deep_copy()
             if not probe.consume_token(token):
                 continue
-            path = self._closing_path(probe, _scan(state, self.cache.text(token)), left - 1)
+            path = self._closing_path(probe, after, left - 1)
             if path is not None:
-                keep.append(token)
-        if keep:
-            return keep
+                self._closing_need[row] = len(path)
+                return [token]
         if matcher.is_accepting():
             return [self.cache.eos_ids[0]]
         path = self._closing_path(matcher, state, left + 4 * self.margin)

@@ -1,5 +1,7 @@
 """Command line of the benchmark: ``hyperlora bench [--quick] [--tiny] [--out DIR]``.
 
+``hyperlora bench structured ...`` runs the structured-output benchmark instead (``structured.py``).
+
 The default plan is the full run reported in ``docs/benchmarks.md``; its question counts are
 budgeted so that it finishes in about an hour on a 2-core CPU (see the cost table there): the
 32k-token stuffed queries dominate, so condition 2 is timed on only a few of them.
@@ -136,6 +138,10 @@ def build_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["structured"]:  # constrained vs prompted structured output (bench/structured.py)
+        from .structured import main as structured_main
+
+        return structured_main(argv[1:])
     args = parse_args(argv)
     out = Path(args.out)
     from .report import write_report
