@@ -136,3 +136,24 @@ def test_sakana_import_cli(tmp_path):
     assert main(["import", "sakana-d2l", str(ckpt), str(tmp_path / "out"), "--base-config", str(base)]) == 0
     model = HyperLoRAModel.from_pretrained(base, d2l=tmp_path / "out", t2l=None)
     assert model.d2l.config.kind == "sakana-d2l"
+
+
+def test_sakana_d2l_through_retriever_and_chat(tmp_path):
+    """The imported generator behind the LangChain retriever and chat model, as in docs/sakana.md."""
+    from langchain_core.documents import Document
+
+    from hyperlora_integrations.langchain import ChatHyperLoRA, HyperLoRARetriever
+
+    base = FIXTURES / "gemma2" / D2L_BASES["gemma2"]
+    out = import_d2l(gunzip_checkpoint("gemma2", tmp_path), tmp_path / "imported", base_config=base)
+    model = HyperLoRAModel.from_pretrained(base, d2l=out, t2l=None)
+    _, meta = expected("gemma2")
+    docs = [Document(page_content=meta["document"], metadata={"source": "sakana.txt"})]
+    retriever = HyperLoRARetriever.from_documents(docs, model=model, k=1, consolidate=False)
+    found = retriever.invoke("When was the lab founded?")
+    assert len(found) == 1 and found[0].metadata["source"] == "sakana.txt"
+    chat = ChatHyperLoRA(model=model, references_from=[retriever], max_tokens=4)
+    reply = chat.invoke(f"{found[0].page_content}\nWhen was the lab founded?")
+    used = reply.response_metadata["adapters"]
+    assert [a["id"] for a in used] == [found[0].metadata["adapter_id"]] and used[0]["kind"] == "document"
+    assert reply.response_metadata["served_by"] == {used[0]["id"]: "instant"}  # the one-pass adapter
