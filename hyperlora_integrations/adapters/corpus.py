@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterNotFoundError, DocumentTooLargeError, EmptyDocumentError, InvalidInputError
 from ..lora import Adapter, content_hash
-from .references import LOOSE_RE, REF_RE, Reference
+from .references import LOOSE_RE, REF_RE, Reference, strip_references
 from .retrieval import BM25Index, top_passages
 from .store import AdapterStore, check_name, check_text, store_signer
 
@@ -93,6 +93,14 @@ class InternalizedCorpus:
         from .worker import worker_for
 
         return worker_for(self.model, self.store)
+
+    def check_documents(
+        self, texts: Sequence[str], metadatas: Sequence[dict[str, Any]] | None = None
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Validate a batch as ``add_texts`` would (text, emptiness, ``max_document_chars``,
+        metadata) without adding anything: what wrappers call before their own per-document work
+        (splitting into passages, tokenizing), so a 10 MB document is refused before it, too."""
+        return self._validated(texts, metadatas)
 
     def _validated(
         self, texts: Sequence[str], metadatas: Sequence[dict[str, Any]] | None
@@ -222,16 +230,32 @@ class Resolution:
     """What the references in one call's prompt resolved to.
 
     ``messages`` are the prompt with every reference-shaped string removed; ``adapters`` are the
-    verified ones to activate; ``served_by`` says per adapter id whether the adapter served it
-    ("adapter") or, while its adapter is still being made, its text was put in the prompt in the
-    reference's place ("context"); ``rejected`` counts forged, expired or foreign references.
+    verified ones to activate and ``adapter_references`` the reference each came from (same
+    order, so ``adapter_references[i].namespace`` is where ``adapters[i]`` lives); ``served``
+    says per (namespace, adapter id) whether the adapter served it ("adapter") or, while its
+    adapter is still being made, its text was put in the prompt in the reference's place
+    ("context"); ``rejected`` counts forged, expired or foreign references.
+
+    The same id may exist in two namespaces (ids are per namespace), so ``served`` is keyed by
+    both. ``served_by`` is the flat, JSON-friendly view the chat model and LLM report: keyed by
+    adapter id, or by ``"<namespace>/<id>"`` for an id referenced from several namespaces in the
+    call (``/`` cannot occur in a name, so the keys never collide).
     """
 
     messages: list[dict[str, str]]
     adapters: list[Adapter]
     references: list[Reference]
-    served_by: dict[str, str] = field(default_factory=dict)
+    served: dict[tuple[str, str], str] = field(default_factory=dict)
     rejected: int = 0
+    adapter_references: list[Reference] = field(default_factory=list)
+
+    @property
+    def served_by(self) -> dict[str, str]:
+        ids = [adapter_id for _, adapter_id in self.served]
+        return {
+            (f"{ns}/{adapter_id}" if ids.count(adapter_id) > 1 else adapter_id): how
+            for (ns, adapter_id), how in self.served.items()
+        }
 
 
 class ReferenceResolver:
@@ -285,8 +309,9 @@ class ReferenceResolver:
         if isinstance(messages, (str, bytes)):
             raise InvalidInputError("resolve takes a list of messages; use resolve_text for one string")
         adapters: list[Adapter] = []
+        adapter_refs: list[Reference] = []
         refs: list[Reference] = []
-        served: dict[str, str] = {}
+        served: dict[tuple[str, str], str] = {}
         rejected = 0
         out = []
         for m in messages:
@@ -307,19 +332,27 @@ class ReferenceResolver:
                 adapter, text = self._load(ref, query)
                 if adapter is not None:
                     adapters.append(adapter)
-                    served[ref.adapter_id] = "adapter"
+                    adapter_refs.append(ref)
+                    served[(ref.namespace, ref.adapter_id)] = "adapter"
                 elif text is not None:
                     pieces.append(text)
-                    served[ref.adapter_id] = "context"
+                    served[(ref.namespace, ref.adapter_id)] = "context"
                 else:
                     rejected += 1
                     continue
                 refs.append(ref)
             pieces.append(content[last:])
-            joined = "".join(pieces)
-            rejected += len(LOOSE_RE.findall(joined))  # malformed lookalikes
-            out.append({**m, "content": LOOSE_RE.sub("", joined)})
-        return Resolution(messages=out, adapters=adapters, references=refs, served_by=served, rejected=rejected)
+            clean, lookalikes = strip_references("".join(pieces))
+            rejected += lookalikes  # malformed lookalikes, and any that stripping joined together
+            out.append({**m, "content": clean})
+        return Resolution(
+            messages=out,
+            adapters=adapters,
+            references=refs,
+            served=served,
+            rejected=rejected,
+            adapter_references=adapter_refs,
+        )
 
     def resolve_text(self, text: str) -> Resolution:
         return self.resolve([{"role": "user", "content": text}])

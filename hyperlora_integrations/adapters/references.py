@@ -25,11 +25,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# ``t`` is ASCII digits without a leading zero, and the signature covers the digits as written: a
+# reference has exactly one spelling (``\d`` also matched Arabic-Indic and other Unicode digits,
+# and ``int()`` read "0123" and "١٢٣" as 123, so altered strings verified under the same signature).
 REF_RE = re.compile(
-    r"\[hyperlora-ref ns=([A-Za-z0-9_.-]{1,128}) id=([A-Za-z0-9_.-]{1,128}) t=(\d{1,12}) sig=([0-9a-f]{32})\]"
+    r"\[hyperlora-ref ns=([A-Za-z0-9_.-]{1,128}) id=([A-Za-z0-9_.-]{1,128}) t=(0|[1-9][0-9]{0,11}) sig=([0-9a-f]{32})\]"
 )
 # Anything that looks like a reference, well-formed or not: stripped from prompts.
 LOOSE_RE = re.compile(r"\[hyperlora-ref[^\]\n]{0,400}\]")
+
+
+def strip_references(text: str) -> tuple[str, int]:
+    """``text`` with every reference-shaped string removed, and how many there were.
+
+    One ``LOOSE_RE.sub("", ...)`` is not enough: removing ``[hyperlora-ref]`` from
+    ``[hyper[hyperlora-ref]lora-ref ...]`` joins the two halves into a new, complete reference.
+    When that happens the matches are replaced by a newline instead, which no reference can
+    contain, so nothing removed can make a new match (and text without nesting is unchanged).
+    """
+    count = len(LOOSE_RE.findall(text))
+    if not count:
+        return text, 0
+    clean = LOOSE_RE.sub("", text)
+    if LOOSE_RE.search(clean):
+        clean = LOOSE_RE.sub("\n", text)
+    return clean, count
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -81,7 +101,7 @@ class ReferenceSigner:
         self._key = key
         self.ttl = ttl
 
-    def _sig(self, namespace: str, adapter_id: str, issued: int) -> str:
+    def _sig(self, namespace: str, adapter_id: str, issued: int | str) -> str:
         msg = f"{namespace}\x00{adapter_id}\x00{issued}".encode()
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
 
@@ -94,7 +114,7 @@ class ReferenceSigner:
     def verify(self, match: re.Match, allowed_namespaces: set[str] | None = None) -> Reference | None:
         """The reference a ``REF_RE`` match names, or None if forged, expired or not allowed here."""
         ns, adapter_id, issued, sig = match.groups()
-        if not hmac.compare_digest(sig, self._sig(ns, adapter_id, int(issued))):
+        if not hmac.compare_digest(sig, self._sig(ns, adapter_id, issued)):  # the digits as written
             return None
         if self.ttl is not None and time.time() - int(issued) > self.ttl:
             return None
@@ -109,5 +129,5 @@ class ReferenceSigner:
             ref = self.verify(match, allowed_namespaces)
             if ref is not None and ref not in valid:
                 valid.append(ref)
-        total = len(LOOSE_RE.findall(text))
-        return LOOSE_RE.sub("", text), valid, total - len(valid)
+        clean, total = strip_references(text)
+        return clean, valid, total - len(valid)

@@ -5,6 +5,7 @@ Layout of a store directory::
     index.sqlite                               metadata, namespaces, content hashes, source text, job queue
     blobs/<namespace>/<id>.<nonce>.safetensors one adapter each (``Adapter.to_bytes``)
     lock                                       flock'ed by whoever writes (processes and threads)
+    reserve                                    1 MiB kept free so ``remove`` works on a full disk
     workers/<token>.lock                       flock'ed by each live background worker
     secret                                     key for signing references (see ``references``)
 
@@ -40,6 +41,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -58,9 +60,9 @@ try:  # POSIX; elsewhere writers are only serialised within one process (documen
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # always used with fullmatch
 # a blob is "<id>.<nonce>.safetensors"; stores from before nonces used "<id>.safetensors"
-_BLOB_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}(\.[0-9a-f]{16})?\.safetensors$")
+_BLOB_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}(\.[0-9a-f]{16})?\.safetensors")  # fullmatch
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     namespace TEXT NOT NULL,
@@ -93,19 +95,67 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_order ON jobs(state, priority, seq);
 """
+_RESERVE_BYTES = 2**20  # see ``AdapterStore._ensure_reserve``
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+_SQLITE_WRITE_CODES = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL (primary codes)
 JOB_KINDS = {"document": 0, "skill": 1}  # kind -> priority: skills wait until no document does
 _READ_RETRIES = 5
 
 
 def check_name(value: str, what: str) -> str:
-    """Namespaces and ids become path components: allow only a safe alphabet."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or value in (".", ".."):
+    """Namespaces and ids become path components: allow only a safe alphabet.
+
+    ``fullmatch``, not ``match``: ``$`` also matches before a final newline, which let
+    ``"tenant\n"`` and ``"..\n"`` through as names.
+    """
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value in (".", ".."):
         raise InvalidInputError(f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '-', '.'")
     return value
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class StoreWriteError(HyperLoRAError, OSError):
+    """The store could not write: disk full, quota exceeded, read-only or failing disk.
+
+    Nothing stored is lost (the write is rolled back); ``remove`` still works on a full disk
+    (the store keeps a reserve file it gives up for that), so space can be freed through it.
+    """
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk refused a write (as opposed to a bug or a bad argument)."""
+    if isinstance(exc, StoreWriteError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_WRITE_CODES
+        msg = str(exc)
+        return "full" in msg or "I/O error" in msg or "readonly" in msg
+    return isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
+
+
+# Every open store, so a forked child can drop the lock descriptors it inherited (``_forked``).
+_STORES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _forked() -> None:
+    """In a child just forked: close the flock'ed descriptors inherited from the parent.
+
+    An ``flock`` belongs to the open file description, which ``fork`` shares: had the child kept
+    its copy, the parent's ``close`` would not release the lock, and every writer (the parent's
+    and other processes') would wait until the child exited. Closing the copy (never
+    ``LOCK_UN``, which would release the parent's lock) leaves the lock to the parent alone.
+    """
+    for store in list(_STORES):
+        store._drop_inherited_fds()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass
@@ -157,12 +207,14 @@ class AdapterStore:
             raise InvalidInputError(f"cache_bytes must be a non-negative int, got {cache_bytes!r}")
         self._tmp = tempfile.TemporaryDirectory(prefix="hyperlora-store-") if path is None else None
         self.path = Path(self._tmp.name if self._tmp else path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # 0700/0600 whatever the umask: the index holds every tenant's source text.
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sub in ("blobs", "workers"):
             d = self.path / sub
             if d.is_symlink():
                 raise UnsafeFileError(f"{d} is a symlink; refusing to use it as part of the store")
-            d.mkdir(exist_ok=True)
+            d.mkdir(exist_ok=True, mode=0o700)
+        self._private_index()
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, str], tuple[str, Adapter]] = OrderedDict()
         self._cached_bytes = 0
@@ -174,7 +226,9 @@ class AdapterStore:
         self._conns: list[sqlite3.Connection] = []
         self._pid = os.getpid()
         self._worker_fds: dict[str, int] = {}
+        self._opening_fd: int | None = None
         self.workers: dict[int, Any] = {}  # background workers bound to this store (see ``worker``)
+        _STORES.add(self)
         with self.write_lock():
             with self._db() as db:
                 db.executescript(_SCHEMA)
@@ -200,6 +254,37 @@ class AdapterStore:
                 self._conns.append(conn)
         yield conn
 
+    def _private_index(self) -> None:
+        """Create ``index.sqlite`` 0600 before SQLite does (it gives -wal/-shm the same mode) and
+        tighten the files of a store made before this, so other users cannot read the source text."""
+        index = self.path / "index.sqlite"
+        try:
+            os.close(os.open(index, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeFileError(f"{index} is a symlink; refusing to use it as the store's index") from None
+            if _is_write_failure(exc):
+                raise StoreWriteError(f"cannot create {index}: {exc.strerror}; free disk space and retry") from None
+            raise
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+            try:
+                st = os.lstat(self.path / name)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(self.path / name, stat.S_IMODE(st.st_mode) & 0o700)
+            except OSError:  # absent, or not ours to change
+                pass
+
+    def _drop_inherited_fds(self) -> None:
+        """See ``_forked``: runs in a forked child only."""
+        for fd in (self._wfd, self._opening_fd, *self._worker_fds.values()):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._opening_fd = None
+        self._after_fork()
+
     def _after_fork(self) -> None:
         self._pid = os.getpid()
         self._local = threading.local()
@@ -217,10 +302,16 @@ class AdapterStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may already have rolled back (SQLITE_FULL does); a second ROLLBACK would
+                # raise "no transaction is active" and hide the real error.
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            db.execute("COMMIT")
 
     @contextmanager
     def write_lock(self) -> Iterator[None]:
@@ -233,28 +324,80 @@ class AdapterStore:
             self._after_fork()
         with self._wlock:
             if self._wdepth == 0:
-                fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                fd = self._opening_fd = os.open(
+                    self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+                )
                 try:
                     if fcntl is not None:
                         fcntl.flock(fd, fcntl.LOCK_EX)
                 except BaseException:
+                    self._opening_fd = None
                     os.close(fd)
                     raise
-                self._wfd = fd
+                self._wfd = fd  # set before _opening_fd is cleared: a fork in between sees the fd
+                self._opening_fd = None
+                self._ensure_reserve()
             self._wdepth += 1
             try:
                 yield
+            except StoreWriteError:
+                raise
+            except (OSError, sqlite3.OperationalError) as exc:
+                if _is_write_failure(exc):
+                    raise StoreWriteError(
+                        f"the store at {self.path} could not write ({exc}); nothing was changed. Free disk "
+                        "space (store.remove() works even on a full disk) or fix the disk, then retry",
+                    ) from exc
+                raise
             finally:
                 self._wdepth -= 1
                 if self._wdepth == 0:
                     fd, self._wfd = self._wfd, None
                     os.close(fd)  # releases the flock
 
+    def _ensure_reserve(self) -> None:
+        """Keep ``<store>/reserve`` (1 MiB of allocated blocks), best effort, under the write lock.
+
+        On a full disk even a DELETE needs room (SQLite appends it to the WAL), so without this a
+        full store could not be emptied through its own API. ``remove`` gives the reserve up when a
+        write fails for lack of space, deletes, and the next write takes the space back.
+        """
+        path = self.path / "reserve"
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size >= _RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+            else:  # pragma: no cover - macOS
+                os.pwrite(fd, b"\0" * _RESERVE_BYTES, 0)
+        except OSError:  # no room now: try again at the next write
+            pass
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the filesystem; False if there was none to give."""
+        try:
+            os.unlink(self.path / "reserve")
+            return True
+        except OSError:
+            return False
+
     def _blob_dir(self, namespace: str) -> Path:
         return self.path / "blobs" / check_name(namespace, "namespace")
 
     def _blob_path(self, namespace: str, blob: str) -> Path:
-        if not isinstance(blob, str) or not _BLOB_RE.match(blob):
+        if not isinstance(blob, str) or not _BLOB_RE.fullmatch(blob):
             raise UnsafeFileError(f"index names blob {blob!r}, which is not a store file name")
         return self._blob_dir(namespace) / blob
 
@@ -309,9 +452,11 @@ class AdapterStore:
             if ns_dir.is_symlink() or not ns_dir.is_dir():
                 continue  # not ours to delete; ``get`` refuses to read through it
             for f in ns_dir.iterdir():
+                if (ns_dir.name, f.name) in live:  # first: an adapter may be called ".tmp-x" itself
+                    continue
                 if f.name.startswith(".tmp-"):
                     report.temp_files += 1
-                elif (ns_dir.name, f.name) not in live and f.name.endswith(".safetensors") and not f.is_symlink():
+                elif f.name.endswith(".safetensors") and not f.is_symlink():
                     report.orphan_blobs += 1
                 else:
                     continue
@@ -348,10 +493,14 @@ class AdapterStore:
                         problems.append(f"{ns}/{adapter_id}: blob holds {adapter.id} (hash/size disagree)")
                 else:
                     read_safetensors_header(data)
-            except (HyperLoRAError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - verify lists every problem, it never raises on one
                 problems.append(f"{ns}/{adapter_id}: {type(exc).__name__}: {exc}")
         for row in jobs:
-            job = _job(row)
+            try:
+                job = _job(row)
+            except (TypeError, ValueError) as exc:  # a tampered options column
+                problems.append(f"job {row[0]}: unreadable ({type(exc).__name__}: {exc})")
+                continue
             if job.state not in ("queued", "running", "failed") or job.kind not in JOB_KINDS:
                 problems.append(f"job {job.seq}: bad state/kind {job.state}/{job.kind}")
             if (job.namespace, job.id) in stored:
@@ -364,7 +513,7 @@ class AdapterStore:
         directory = self._blob_dir(namespace)
         if directory.is_symlink():
             raise UnsafeFileError(f"{directory} is a symlink; refusing to write through it")
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = f"{check_name(adapter.id, 'adapter id')}.{secrets.token_hex(8)}.safetensors"
         data = adapter.to_bytes()
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -435,17 +584,28 @@ class AdapterStore:
         """Delete an adapter, or cancel its queued job; ``AdapterNotFoundError`` if neither exists."""
         check_name(namespace, "namespace")
         with self.write_lock():
-            with self._transaction() as db:
-                old = db.execute(
-                    "SELECT blob FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id)
-                ).fetchone()
-                db.execute("DELETE FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id))
-                jobs = db.execute("DELETE FROM jobs WHERE namespace = ? AND id = ?", (namespace, adapter_id)).rowcount
+            try:
+                old, jobs = self._delete(namespace, adapter_id)
+            except (OSError, sqlite3.OperationalError) as exc:
+                # A full disk: give up the reserve and try once more, so space can be freed.
+                if not (_is_write_failure(exc) and self._release_reserve()):
+                    raise
+                old, jobs = self._delete(namespace, adapter_id)
             if old is None and jobs == 0:
                 raise AdapterNotFoundError(f"no adapter {adapter_id!r} in namespace {namespace!r}")
             if old is not None:
                 self._unlink_blob(namespace, old[0] or f"{adapter_id}.safetensors")
         self._forget((namespace, adapter_id))
+
+    def _delete(self, namespace: str, adapter_id: str) -> tuple[tuple | None, int]:
+        """Delete an adapter's row and job in one transaction: (its old row, jobs deleted)."""
+        with self._transaction() as db:
+            old = db.execute(
+                "SELECT blob FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id)
+            ).fetchone()
+            db.execute("DELETE FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id))
+            jobs = db.execute("DELETE FROM jobs WHERE namespace = ? AND id = ?", (namespace, adapter_id)).rowcount
+        return old, jobs
 
     def update_metadata(self, adapter_id: str, *, namespace: str = "default", **fields: Any) -> AdapterMetadata:
         """Merge ``fields`` into an adapter's metadata (a read-modify-write under the write lock).
@@ -468,7 +628,10 @@ class AdapterStore:
                 raise AdapterNotFoundError(f"no adapter {adapter_id!r} in namespace {namespace!r}")
             meta = json.loads(row[0])
             meta.update(fields)
-            merged = AdapterMetadata.model_validate(meta)
+            try:
+                merged = AdapterMetadata.model_validate(meta)
+            except ValueError as exc:  # pydantic's ValidationError: source=123, description=None, ...
+                raise InvalidInputError(f"invalid metadata for {adapter_id!r}: {exc}") from None
             db.execute(
                 "UPDATE adapters SET metadata = ? WHERE namespace = ? AND id = ?",
                 (merged.model_dump_json(), namespace, adapter_id),
@@ -747,7 +910,7 @@ class AdapterStore:
         """True if a live process holds ``token``'s lock; False (and removed) if it died."""
         if token in self._worker_fds:
             return True
-        if fcntl is None or not _NAME_RE.match(token):
+        if fcntl is None or not isinstance(token, str) or not _NAME_RE.fullmatch(token):
             return None
         path = self.path / "workers" / f"{token}.lock"
         try:

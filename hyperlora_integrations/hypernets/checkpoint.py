@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import CheckpointError
-from ..lora.adapter import read_checked
+from ..lora.adapter import load_safetensors, read_checked, read_regular_file, read_safetensors_header
 from .base import Hypernetwork
 from .config import D2LConfig, T2LConfig
 
@@ -63,9 +62,9 @@ def save(
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", max_bytes: int = 2**31) -> Hypernetwork:
     path = Path(path)
     try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / CONFIG_NAME} is missing or not JSON: {exc}") from exc
+        raw = json.loads(read_regular_file(path / CONFIG_NAME, max_bytes=2**20, what="hypernetwork config"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not JSON: {exc}") from None
     kinds = _classes()
     if not isinstance(raw, dict) or raw.get("kind") not in kinds:
         raise CheckpointError(
@@ -78,17 +77,26 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", max_byt
         raise CheckpointError(f"invalid config in {path}: {exc}") from exc
     if raw["kind"].startswith("sakana-"):
         max_bytes = max(max_bytes, IMPORTED_MAX_BYTES)
-    state = st_load(read_checked(path / WEIGHTS_NAME, max_bytes=max_bytes))
-    net = net_cls(config)
-    expected = net.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    data = read_checked(path / WEIGHTS_NAME, max_bytes=max_bytes)
+    stored = {k: tuple(v["shape"]) for k, v in read_safetensors_header(data).items() if k != "__metadata__"}
+    # Compare the config's shapes with the file's on the meta device first (no memory): a 393-byte
+    # config with huge widths otherwise allocated terabytes before the weights were looked at.
+    # Afterwards the real net is no larger than the weights file (x2 for float16 weights).
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in net_cls(config).state_dict().items()}
+    except (AssertionError, RuntimeError, ValueError, OverflowError) as exc:  # e.g. heads not dividing the width
+        raise CheckpointError(f"invalid config in {path}: cannot build the network ({exc})") from None
+    missing = set(expected) - set(stored)
+    unexpected = set(stored) - set(expected)
+    wrong = [k for k in expected.keys() & stored.keys() if expected[k] != stored[k]]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{path} does not match its config: missing={sorted(missing)[:3]} "
             f"unexpected={sorted(unexpected)[:3]} wrong shapes={wrong[:3]}"
         )
+    state = load_safetensors(data)
+    net = net_cls(config)
     net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return net.to(device).eval().requires_grad_(False)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import stat
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -23,6 +26,8 @@ from safetensors.torch import save as st_save
 from ..errors import BaseModelMismatchError, CheckpointError, InvalidInputError
 
 FORMAT_VERSION = "1"
+# Real LoRA scalings (alpha / r, alpha / sqrt(r)) are O(0.1..100); beyond this it is corruption or an attack.
+MAX_SCALING = 1e6
 
 
 def _now() -> str:
@@ -66,12 +71,33 @@ class Adapter:
                 raise InvalidInputError(f"{name}: A must be (L, r, d_in) and B (L, d_out, r)")
             if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
                 raise InvalidInputError(f"{name}: A {tuple(a.shape)} and B {tuple(b.shape)} disagree on layers or rank")
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise InvalidInputError(f"{name}: adapter weights must be floating point, got {a.dtype}/{b.dtype}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise InvalidInputError(f"{name}: adapter weights contain NaN or inf")
         self.A = dict(A)
         self.B = dict(B)
-        self.scaling = float(scaling)
+        self.scaling = scaling
         self.metadata = metadata or AdapterMetadata()
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B @ A``; always finite and at most ``MAX_SCALING`` in magnitude."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        # Validated on every assignment, not only in __init__: a NaN/inf (or absurd) scaling turns
+        # every activation it touches into NaN, and it would be stored and verified as if healthy.
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInputError(f"adapter scaling must be a number, got {value!r}") from None
+        if not math.isfinite(value) or abs(value) > MAX_SCALING:
+            raise InvalidInputError(
+                f"adapter scaling must be finite and at most {MAX_SCALING:g} in size, got {value!r}"
+            )
+        self._scaling = value
 
     # ------------------------------------------------------------------ properties
     @property
@@ -152,14 +178,11 @@ class Adapter:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Adapter:
-        header = read_safetensors_header(data)
+        header = read_safetensors_header(data)  # validates __metadata__ as a str -> str mapping
         meta = header.get("__metadata__") or {}
         if meta.get("format") != "hyperlora-adapter":
             raise CheckpointError("not a hyperlora adapter file (missing format marker)")
-        try:
-            tensors = st_load(data)
-        except SafetensorError as exc:
-            raise CheckpointError(f"corrupt adapter file: {exc}") from exc
+        tensors = load_safetensors(data)
         A = {k[:-2]: v for k, v in tensors.items() if k.endswith(".A")}
         B = {k[:-2]: v for k, v in tensors.items() if k.endswith(".B")}
         try:
@@ -223,11 +246,21 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_safetensors_header(data: bytes) -> dict:
     """Parse and validate a safetensors header before any tensor is allocated.
 
     Rejects pickles (by magic bytes), truncated files, headers larger than the file and offsets
-    that point past its end: a forged header must not make us allocate gigabytes.
+    that point past its end: a forged header must not make us allocate gigabytes. Every field is
+    type-checked here (offsets and shape dims are non-negative ints, dtypes known, ``__metadata__``
+    a str -> str mapping), so a crafted header can only raise ``CheckpointError``, never a
+    ``TypeError``/``OverflowError``/``RecursionError`` from deeper down.
+
+    Error messages never quote the file's bytes or size: a path pointing at some other file must
+    not turn the error into a way of reading it.
     """
     # A safetensors file is an 8-byte length and then a JSON object. Check that shape before the
     # pickle magic: a valid header of 640, 896, 1152 or 1408 bytes starts with b"\x80\x02".."\x05"
@@ -240,43 +273,81 @@ def read_safetensors_header(data: bytes) -> dict:
         raise UnsafeFileError("refusing a pickle/zip file: only safetensors is accepted")
     if len(data) < 8:
         raise CheckpointError("truncated safetensors file (no header)")
-    n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data) or n > 100 * 2**20:
-        raise CheckpointError(f"safetensors header claims {n} bytes; file has {len(data)}")
+        raise CheckpointError("not a safetensors file, or a truncated one: its header length field is invalid")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"corrupt safetensors header: {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of over 4,300 digits
+        raise CheckpointError(f"corrupt safetensors header: {exc}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise CheckpointError("corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header: not a mapping")
     body = len(data) - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError("corrupt safetensors header: __metadata__ must map strings to strings")
             continue
-        try:
-            start, end = info["data_offsets"]
-            count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
-            width = _DTYPE_BYTES[info["dtype"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"corrupt safetensors entry {key!r}") from exc
-        if not (0 <= start <= end <= body) or end - start != count * width:
+        if not isinstance(info, dict):
+            raise CheckpointError(f"corrupt safetensors entry {key!r}: not a mapping")
+        offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointError(f"corrupt safetensors entry {key!r}: data_offsets must be two ints")
+        if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_int(d) and d >= 0 for d in shape)):
+            raise CheckpointError(f"corrupt safetensors entry {key!r}: shape must be a list of non-negative ints")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise CheckpointError(f"corrupt safetensors entry {key!r}: unsupported dtype")
+        count = math.prod(shape)
+        start, end = offsets
+        if not (0 <= start <= end <= body) or end - start != count * _DTYPE_BYTES[dtype]:
             raise CheckpointError(f"safetensors entry {key!r} points outside the file or lies about its size")
     return header
 
 
+def read_regular_file(path: str | Path, *, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``; never blocks.
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor (no TOCTOU): a
+    FIFO, a device such as ``/dev/zero`` or a directory is refused at once instead of hanging or
+    reading without end, and at most ``max_bytes + 1`` bytes are read even if the file grows.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot open {what} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, device or directory?)")
+        if st.st_size > max_bytes:
+            raise CheckpointError(f"{what} {path} is over the {max_bytes}-byte limit")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{what} {path} is over the {max_bytes}-byte limit")
+    return data
+
+
 def read_checked(path: str | Path, *, max_bytes: int) -> bytes:
     """Read a weight file after refusing what is not a regular file or is too large."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist or is not a file")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise CheckpointError(f"{path} is {size} bytes, over the {max_bytes}-byte limit")
-    data = path.read_bytes()
+    data = read_regular_file(path, max_bytes=max_bytes, what="weight file")
     read_safetensors_header(data)
     return data
+
+
+def load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load`` after our header checks, with its errors typed."""
+    read_safetensors_header(data)
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(f"corrupt safetensors file: {exc}") from None
 
 
 __all__ = [
@@ -285,6 +356,8 @@ __all__ = [
     "BaseModelMismatchError",
     "concat",
     "content_hash",
+    "load_safetensors",
     "read_checked",
+    "read_regular_file",
     "read_safetensors_header",
 ]
