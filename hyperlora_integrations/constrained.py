@@ -35,9 +35,8 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from .errors import HyperLoRAError, InvalidInputError, MissingDependencyError
+from .toolcalls import CLOSE, OPEN
 
-OPEN = "<tool_call>"
-CLOSE = "</tool_call>"
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """Compact JSON with the separators of ``json.dumps``: what the model sees in its prompts, and no
 room for a small model to loop on whitespace."""

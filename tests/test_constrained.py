@@ -24,7 +24,7 @@ from hyperlora_integrations.constrained import (
     tool_call_grammar,
 )
 from hyperlora_integrations.errors import InvalidInputError
-from hyperlora_integrations.langchain._toolcalls import parse_tool_calls
+from hyperlora_integrations.toolcalls import parse_tool_calls
 
 jsonschema = pytest.importorskip("jsonschema")
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._optional import require
@@ -38,10 +38,13 @@ from llama_index.core.base.llms.types import (  # noqa: E402
     MessageRole,
     TextBlock,
     ThinkingBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback  # noqa: E402
 from llama_index.core.llms.custom import CustomLLM  # noqa: E402
+from llama_index.core.llms.function_calling import FunctionCallingLLM  # noqa: E402
+from llama_index.core.llms.llm import ToolSelection  # noqa: E402
 
 from .._arguments import check_generation_kwargs, is_generation_name, model_from, unexpected  # noqa: E402
 from ..adapters import AdapterStore, ReferenceResolver, Resolution  # noqa: E402
@@ -49,7 +52,15 @@ from ..errors import InvalidInputError  # noqa: E402
 from ..generation import Chunk, SamplingParams  # noqa: E402
 from ..lora import Adapter  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
+from ..toolcalls import StreamFilter, ToolSpec, grammar_options, parse_tool_calls, render_tools  # noqa: E402
 from ._async import iterate_in_thread  # noqa: E402
+from ._functions import (  # noqa: E402
+    prepare_chat_with_tools,
+    response_message,
+    tool_calls_of,
+    tool_message_content,
+    tool_spec,
+)
 
 _ROLE_MAP = {
     MessageRole.SYSTEM: "system",
@@ -80,9 +91,12 @@ def to_core_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
         for block in message.blocks:
             if isinstance(block, TextBlock):
                 texts.append(block.text)
-            elif not isinstance(block, (ThinkingBlock, CachePoint)):
+            elif not isinstance(block, (ThinkingBlock, CachePoint, ToolCallBlock)):
                 raise InvalidInputError(f"HyperLoRALLM is text-only; got a {type(block).__name__} in a {role} message")
-        out.append({"role": role, "content": "\n".join(texts)})
+        content = "\n".join(texts)
+        out.append(
+            {"role": role, "content": tool_message_content(message, content) if role == "assistant" else content}
+        )
     if not out:
         raise InvalidInputError("empty message list")
     return out
@@ -95,6 +109,8 @@ class _Call:
     resolution: Resolution
     adapters: list[Adapter]
     sampling: dict[str, Any]
+    tool_names: list[str] = field(default_factory=list)
+    parallel_tool_calls: bool = True
 
     def info(self) -> dict[str, Any]:
         return {
@@ -104,7 +120,7 @@ class _Call:
         }
 
 
-class HyperLoRALLM(CustomLLM):
+class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
     """LlamaIndex LLM backed by a local ``HyperLoRAModel``; works as ``Settings.llm``.
 
     ``store`` is the adapter store whose references this LLM may activate (the store of the
@@ -112,6 +128,10 @@ class HyperLoRALLM(CustomLLM):
     it to some namespaces of that store. References signed by another store, expired ones or
     ones from other namespaces are stripped and counted as rejected, never activated.
     Extra adapters (a skill, say) can be passed per call: ``llm.complete(p, adapters=[a])``.
+
+    It is a function-calling LLM: ``chat_with_tools``/``predict_and_call``, ``FunctionAgent``,
+    ``structured_predict`` and ``as_structured_llm`` work, with tool calls decoded under a grammar
+    built from the tools (``_functions.py``), so a forced call is always a valid one.
     """
 
     model_name: str = Field(default="", description="Name of the base model (reported in metadata).")
@@ -193,7 +213,7 @@ class HyperLoRALLM(CustomLLM):
             context_window=self.effective_context_window,
             num_output=self.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=self.model_name,
         )
 
@@ -224,6 +244,14 @@ class HyperLoRALLM(CustomLLM):
     def _prepare(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
         extra = kwargs.pop("adapters", None) or ()
         kwargs.pop("formatted", None)  # meaningful to completion-style LLMs only
+        tools = kwargs.pop("tools", None) or []
+        choice = kwargs.pop("tool_choice", None)
+        parallel = kwargs.pop("parallel_tool_calls", True) is not False
+        if choice == "none":
+            tools = []
+        tools = [t if isinstance(t, ToolSpec) else tool_spec(t) for t in tools]
+        if tools:  # the schemas go into the system prompt; grammar_options constrains decoding
+            messages = _with_system(messages, render_tools(tools, choice))
         generation = {key: kwargs.pop(key) for key in list(kwargs) if key not in _SAMPLING_KWARGS}
         unknown = [key for key in generation if not is_generation_name(key)]
         if unknown:
@@ -248,7 +276,8 @@ class HyperLoRALLM(CustomLLM):
             "seed": kwargs.get("seed", self.seed),
         }
         SamplingParams(**sampling)  # fail at call time, not at the first token of a stream
-        call = _Call(resolution, adapters, sampling)
+        sampling.update(grammar_options(tools, choice, parallel, None))
+        call = _Call(resolution, adapters, sampling, [t.name for t in tools], parallel)
         self._check_budget(call)
         return call
 
@@ -304,14 +333,50 @@ class HyperLoRALLM(CustomLLM):
             elif chunk.text:
                 yield CompletionResponse(text=text, delta=chunk.text, additional_kwargs=call.info())
 
+    def _chat_response(self, call: _Call, text: str, raw: dict[str, Any]) -> ChatResponse:
+        parsed = parse_tool_calls(text, call.tool_names) if call.tool_names else None
+        message = response_message(text, parsed, call.parallel_tool_calls)
+        return ChatResponse(message=message, raw=raw, additional_kwargs=_summary(raw))
+
     def _iter_chat(self, call: _Call) -> Iterator[ChatResponse]:
+        """Stream text as it comes; with tools bound, a call is held back and arrives parsed at the end."""
+        filt = StreamFilter(call.tool_names)
+        shown = ""
         for response in self._iter_completion(call):
-            yield ChatResponse(
-                message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
-                delta=response.delta,
-                raw=response.raw,
-                additional_kwargs=response.additional_kwargs,
-            )
+            delta = filt.feed(response.delta or "")
+            if response.raw:
+                rest, _ = filt.finish()
+                final = self._chat_response(call, response.text, response.raw)
+                final.delta = delta + rest
+                yield final
+            elif delta:
+                shown += delta
+                yield ChatResponse(
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=shown),
+                    delta=delta,
+                    additional_kwargs=response.additional_kwargs,
+                )
+
+    # ------------------------------------------------------------------ function calling
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat`` arguments for ``chat_with_tools``: ``tool_required`` forces a call."""
+        return prepare_chat_with_tools(
+            tools, user_msg, chat_history, allow_parallel_tool_calls, tool_required, **kwargs
+        )
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        return tool_calls_of(response, error_on_no_tool_call)
 
     # ------------------------------------------------------------------ sync API
     @llm_completion_callback()
@@ -329,9 +394,7 @@ class HyperLoRALLM(CustomLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._prepare(to_core_messages(messages), kwargs)
         text, raw = self._run(call)
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=_summary(raw)
-        )
+        return self._chat_response(call, text, raw)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -354,14 +417,19 @@ class HyperLoRALLM(CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._prepare(to_core_messages(messages), kwargs)
         text, raw = await asyncio.to_thread(self._run, call)
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=_summary(raw)
-        )
+        return self._chat_response(call, text, raw)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         call = self._prepare(to_core_messages(messages), kwargs)
         return iterate_in_thread(lambda: self._iter_chat(call))
+
+
+def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """Append ``text`` to the leading system message, or start the conversation with one."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def _summary(raw: dict[str, Any]) -> dict[str, Any]:
