@@ -317,7 +317,8 @@ class SakanaTextToLoRA(Hypernetwork):
         if not isinstance(description, str) or not description.strip():
             raise InvalidInputError("a skill description must be a non-empty string")
         self.eval()
-        A, B = self(self.embed(model, description).to(self.dtype))
+        param = next(self.parameters())  # the sentence encoder may sit on another device
+        A, B = self(self.embed(model, description).to(device=param.device, dtype=param.dtype))
         meta = AdapterMetadata(
             kind="skill",
             source="generate_skill",
