@@ -27,11 +27,15 @@ from hyperlora_integrations.adapters import AdapterStore, document_id  # noqa: E
 from hyperlora_integrations.serving import ModelSpec, ServeConfig, ingest  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start` turns token authentication on unless told otherwise, and this driver's Ray (imported
+# at collection, before any fixture runs) reads its mode once: a throw-away cluster on this machine
+# runs without tokens so that the driver need not be started with RAY_AUTH_MODE=token.
+CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group, so teardown stops exactly its processes."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **CLUSTER_ENV}
     with open(log, "wb") as out:
         return subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats", *args],
@@ -43,10 +47,10 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    if proc.poll() is None:  # a node drains for up to 30 s on SIGTERM; nothing here needs draining
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -76,7 +80,12 @@ def cluster():
     try:
         deadline = time.monotonic() + 180
         while True:  # the worker can only join a head that is up
-            check = subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, timeout=60)
+            check = subprocess.run(
+                [RAY, "status", f"--address={address}"],
+                capture_output=True,
+                timeout=60,
+                env={**os.environ, **CLUSTER_ENV},
+            )
             if check.returncode == 0:
                 break
             assert head.poll() is None, (logs / "head.log").read_text(errors="replace")[-3000:]
