@@ -7,9 +7,10 @@ state, so one instance serves many threads and asyncio tasks at once.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +19,13 @@ import torch
 from .base_model import DEFAULT_MODEL_NAME, BaseModel, load_base_model
 from .chat import Prompt, encode_chat, encode_text, to_messages
 from .errors import HypernetworkMissingError, InvalidInputError
-from .generation import Chunk, SamplingParams, stream_tokens
+from .generation import Chunk, SamplingParams, chunks_from_tokens, stream_tokens
 from .lora import Adapter, LoRAInjector, load_peft, save_peft
 from .lora import merge as _merge
 from .lora import unmerge as _unmerge
 
 if TYPE_CHECKING:
+    from .batching import AdapterScope, BatchScheduler
     from .hypernets.d2l import DocToLoRA
     from .hypernets.t2l import TextToLoRA
 
@@ -331,11 +333,32 @@ class HyperLoRAModel:
                 f"prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the "
                 f"{self.max_context}-token context; internalize long documents instead of stuffing them"
             )
-        if not adapters:
-            return ids, lambda: self.injector.activate(())
-        # Concatenate and fold once per call, not once per generated token.
-        A, B = self.injector.folded(adapters)
-        return ids, lambda: self.injector.activate_weights(A, B)
+        from .batching import AdapterScope  # folds once per call, not once per generated token
+
+        return ids, AdapterScope(self.injector, adapters)
+
+    def _request(
+        self, prompt: Prompt, adapters: Sequence[Adapter], system: str | None, context: str | None, sampling: dict
+    ) -> tuple[list[int], AdapterScope, SamplingParams]:
+        """Validate one call: prompt ids, folded adapters and sampling (with any grammar)."""
+        grammar = {key: sampling.pop(key) for key in _GRAMMAR_KEYS if key in sampling}
+        constraint = None
+        if grammar:
+            from .constrained import constraint_processor
+
+            eos = sampling.get("eos_token_id")
+            eos_ids = self._eos_ids if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+            constraint = constraint_processor(self.tokenizer, eos_ids, **grammar)
+            if constraint is not None:
+                sampling["logits_processor"] = [*(sampling.get("logits_processor") or ()), constraint]
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError as exc:  # an unknown keyword such as max_tokens=: the caller's mistake
+            raise InvalidInputError(f"bad sampling arguments {sorted(sampling)}: {exc}") from None
+        ids, scope = self._prepare(prompt, adapters, system, context, params)
+        if constraint is not None:  # budget-aware closing needs the budget of this prompt
+            constraint.set_budget(params.new_tokens_for(len(ids)))
+        return ids, scope, params
 
     def stream_chunks(
         self,
@@ -359,24 +382,61 @@ class HyperLoRAModel:
         ``tool_choice=`` and ``parallel_tool_calls=``) constrain decoding to that grammar
         (``constrained.py``): the output then parses by construction, within ``max_new_tokens``.
         """
-        grammar = {key: sampling.pop(key) for key in _GRAMMAR_KEYS if key in sampling}
-        constraint = None
-        if grammar:
-            from .constrained import constraint_processor
+        ids, scope, params = self._request(prompt, adapters, system, context, sampling)
+        batcher = self._batcher
+        if batcher is None:
+            yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
+        else:
+            tokens = batcher.tokens(ids, scope, params, self._eos_ids)
+            yield from chunks_from_tokens(tokens, self.tokenizer, params.stop, len(ids))
 
-            eos = sampling.get("eos_token_id")
-            eos_ids = self._eos_ids if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-            constraint = constraint_processor(self.tokenizer, eos_ids, **grammar)
-            if constraint is not None:
-                sampling["logits_processor"] = [*(sampling.get("logits_processor") or ()), constraint]
-        try:
-            params = SamplingParams(**sampling)
-        except TypeError as exc:  # an unknown keyword such as max_tokens=: the caller's mistake
-            raise InvalidInputError(f"bad sampling arguments {sorted(sampling)}: {exc}") from None
-        ids, scope = self._prepare(prompt, adapters, system, context, params)
-        if constraint is not None:  # budget-aware closing needs the budget of this prompt
-            constraint.set_budget(params.new_tokens_for(len(ids)))
-        yield from stream_tokens(self.model, self.tokenizer, ids, params, scope, self._eos_ids)
+    # ------------------------------------------------------------------ batching
+    _batcher: BatchScheduler | None = None
+
+    def enable_batching(self, max_batch_size: int = 32) -> BatchScheduler:
+        """Decode concurrent requests together from now on (``batching.BatchScheduler``).
+
+        Every ``stream_chunks``/``complete``/``generate`` call, from any thread, joins one batch
+        decoded by a background thread, each row with its own adapters and sampling arguments;
+        ``astream_chunks`` does the same for asyncio without a thread per request. Greedy
+        outputs equal the unbatched ones except where batched float rounding flips a near-tie.
+        """
+        from .batching import BatchScheduler
+
+        self.disable_batching()
+        self._batcher = BatchScheduler(self, max_batch_size=max_batch_size)
+        return self._batcher
+
+    def disable_batching(self) -> None:
+        """Back to one decoding loop per request (rows already in flight finish first)."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    async def astream_chunks(
+        self,
+        prompt: Prompt,
+        adapters: Sequence[Adapter] = (),
+        *,
+        system: str | None = None,
+        context: str | None = None,
+        **sampling,
+    ) -> AsyncIterator[Chunk]:
+        """``stream_chunks`` for asyncio. With batching enabled, tokens arrive on the event loop
+        (no thread per request); without it, each chunk is computed in a worker thread."""
+        batcher = self._batcher
+        if batcher is None:
+            stream = self.stream_chunks(prompt, adapters, system=system, context=context, **sampling)
+            done = object()
+            while (chunk := await asyncio.to_thread(next, stream, done)) is not done:
+                yield chunk
+            return
+        from .batching import achunks_from_tokens
+
+        ids, scope, params = self._request(prompt, adapters, system, context, sampling)
+        tokens = batcher.atokens(ids, scope, params, self._eos_ids)
+        async for chunk in achunks_from_tokens(tokens, self.tokenizer, params.stop, len(ids)):
+            yield chunk
 
     def stream(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> Iterator[str]:
         """Stream the answer as text pieces."""

@@ -30,11 +30,17 @@ class LoRAWeights:
 
     Scaling is already folded into B. A leading batch dimension lets each sequence of a batch
     carry its own adapter (used in training, where every document has its own).
+
+    ``index`` (a long tensor, one entry per batch row) makes the leading dimension a table of
+    adapter *slots* instead: row ``i`` uses slot ``index[i]``. Rows that share an adapter share
+    its slot, so a batch of 32 requests over 3 adapters holds 3 copies, not 32 (the gathered
+    LoRA of multi-adapter servers such as S-LoRA and Punica; used by ``batching.py``).
     """
 
     owner: int
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
+    index: torch.Tensor | None = None
 
 
 _ACTIVE: ContextVar[LoRAWeights | None] = ContextVar("hyperlora_active_lora", default=None)
@@ -85,6 +91,9 @@ class LoRAInjector:
                 return None
             a_l = a[..., layer, :, :]
             b_l = state.B[short][..., layer, :, :]
+            if state.index is not None:  # slot table -> one (R, d) pair per row
+                a_l = a_l.index_select(0, state.index)
+                b_l = b_l.index_select(0, state.index)
             x = inputs[0]
             if a_l.dim() == 3 and x.dim() == 3 and a_l.shape[0] != x.shape[0]:
                 raise InvalidInputError(f"batched adapter of size {a_l.shape[0]} for a batch of {x.shape[0]}")
@@ -152,9 +161,15 @@ class LoRAInjector:
             _ACTIVE.reset(token)
 
     @contextmanager
-    def activate_weights(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Lower-level activation of raw (possibly batched, grad-carrying) A/B with scaling folded in."""
-        token = _ACTIVE.set(LoRAWeights(owner=id(self), A=A, B=B))
+    def activate_weights(
+        self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], index: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Lower-level activation of raw (possibly batched, grad-carrying) A/B with scaling folded in.
+
+        With ``index``, ``A``/``B`` are slot tables ``(S, L, R, d)`` and batch row ``i`` uses slot
+        ``index[i]`` (see ``LoRAWeights``).
+        """
+        token = _ACTIVE.set(LoRAWeights(owner=id(self), A=A, B=B, index=index))
         try:
             yield
         finally:
