@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from sakana_support import FIXTURES
+from sakana_support import FIXTURES, t2l_run
 
 from hyperlora_integrations.errors import CheckpointError, UnsafeFileError
 from hyperlora_integrations.hypernets.safe_pickle import PickledEnum, PickledRecord, as_plain, load_checkpoint
-from hyperlora_integrations.hypernets.sakana_import import import_d2l
+from hyperlora_integrations.hypernets.sakana_import import convert_t2l, import_d2l
 
 
 class RunsCode:
@@ -99,3 +99,22 @@ def test_sakana_pickle_real_fixture_loads_as_data(tmp_path):
     assert as_plain(cfg["aggregator_config"])["aggregator_type"] == "perceiver"
     assert isinstance(state["head.weight"], torch.Tensor)
     assert not [name for name in sys.modules if name.startswith("ctx_to_lora")]
+
+
+def test_sakana_t2l_hostile_hypermod_is_refused(tmp_path):
+    run = t2l_run("gemma2", "t2l/gemma_2b_t2l", tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"heads.q_proj.weight": torch.zeros(2), "x": RunsCode(marker)}, run / "hypermod.pt")
+    with pytest.raises(UnsafeFileError):
+        convert_t2l(run, base_config=FIXTURES / "gemma2" / "gemma-2-2b-it")
+    assert not marker.exists()
+    # in T2L's state dict not even their config classes are allowed: it holds tensors only
+    torch.save({"hypernet_config": UnknownConfig()}, run / "hypermod.pt")
+    with pytest.raises(UnsafeFileError):
+        convert_t2l(run, base_config=FIXTURES / "gemma2" / "gemma-2-2b-it")
+
+
+def test_sakana_pickle_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.bin")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(tmp_path / "pipe.bin")

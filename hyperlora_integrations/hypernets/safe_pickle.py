@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,12 @@ def load_checkpoint(
 
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path} is not a regular file")
+    size = st.st_size
     if size > max_bytes:
         raise CheckpointError(f"{path} is {size} bytes, over the {max_bytes}-byte limit")
     if not zipfile.is_zipfile(path):

@@ -60,11 +60,11 @@ class SakanaD2LConfig(HypernetConfig):
     attn_heads: int = Field(16, ge=1, le=256)
     attn_head_dim: int = Field(128, ge=1, le=1024)
     attn_kv_heads: int = Field(4, ge=1, le=256)
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = Field(1e-6, gt=0, le=1)
     # their evaluation splits documents over max_ctx_chunk_len=8192 tokens (scripts/main_exp/eval)
-    chunk_len: int = Field(8192, ge=0)
-    bias_scaler: float = 1.0
-    max_document_tokens: int = Field(1_000_000, ge=1)
+    chunk_len: int = Field(8192, ge=0, le=2**31)
+    bias_scaler: float = Field(1.0, allow_inf_nan=False)
+    max_document_tokens: int = Field(1_000_000, ge=1, le=2**31)
     # what their checkpoint recorded, kept for the record: they read activations from a 4-bit
     # copy of the base model when this is true (bitsandbytes, CUDA); we read full precision
     quantized_ctx_encoder: bool = False

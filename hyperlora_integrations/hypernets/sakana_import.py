@@ -209,12 +209,12 @@ def import_d2l(path: str | os.PathLike, out: str | os.PathLike, **kwargs: Any) -
 
 # --------------------------------------------------------------------------- Text-to-LoRA
 def _read_small(path: Path, limit: int = 2**20) -> str:
+    from ..lora.adapter import read_regular_file
+
     try:
-        if path.stat().st_size > limit:
-            raise CheckpointError(f"{path} is over {limit} bytes")
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        return read_regular_file(path, max_bytes=limit, what="Text-to-LoRA metadata").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8: {exc}") from None
 
 
 def convert_t2l(

@@ -46,7 +46,7 @@ class SakanaT2LConfig(HypernetConfig):
     """Their training args that shape the network, plus how descriptions are embedded."""
 
     kind: Literal["sakana-t2l"] = "sakana-t2l"
-    module_order: tuple[str, ...]
+    module_order: tuple[str, ...] = Field(min_length=1, max_length=64)
     task_emb_size: int = Field(ge=1, le=65536)
     head_in_size: int = Field(ge=1, le=65536)
     shared_AB_head: bool = False
@@ -56,7 +56,7 @@ class SakanaT2LConfig(HypernetConfig):
     training_task: Literal["sft", "recon"] = "sft"
     pred_z_score: bool = False
     factorized: bool = False
-    delta_w_scaling: float = 10000.0
+    delta_w_scaling: float = Field(10000.0, gt=0, allow_inf_nan=False)
     # "" = the base model itself (last-token pooling), else a sentence encoder's name (CLS pooling)
     emb_model: str = ""
     emb_pooling: Literal["last_token", "cls"] = "last_token"
