@@ -1,17 +1,18 @@
-"""An agent that gains skills by description: ``skill_tool`` with LangChain's agent constructor.
+"""An agent that gains skills by description: ``skill_tool`` in a tool loop and in LangChain's agent.
 
 Each skill is one sentence of plain language; Text-to-LoRA turns it into an adapter once, and
-``skill_tool`` wraps it as a tool that answers its request with that adapter active (for that call
-only). The agent is built with LangChain's current constructor, ``langchain.agents.create_agent``
-when the ``langchain`` package is installed, else LangGraph's ``create_react_agent`` (its
-predecessor, deprecated in LangGraph 1.0 in favour of ``create_agent``); both take a chat model
-with ``bind_tools``, which ``ChatHyperLoRA`` provides.
+``skill_tool`` wraps it as a tool that answers its ``input`` with that adapter active (for that
+call only). The tool calls are made by the local model itself: ``ChatHyperLoRA.bind_tools``
+decodes calls under a grammar built from the tools, so each call names a real tool with valid
+arguments.
 
-Then the same skills without an agent: ``ChatHyperLoRA(skills=library, auto_skill=True)`` routes
-each request to the best-matching skill by description similarity, and ``with_skill`` pins one.
-
-A 135M model is a weak tool caller: expect it often to answer directly rather than call a tool.
-Every tool the agent did call is printed, as is the skill routing.
+1. An explicit tool loop: the first turn is bound with ``tool_choice="any"`` (a call is
+   forced; the model chooses the skill and writes its input), the skills run, and the model
+   answers from their results.
+2. The same tools in LangChain's agent constructor (``langchain.agents.create_agent`` when
+   ``langchain`` is installed, else LangGraph's ``create_react_agent``), where the model decides
+   by itself whether to call (``tool_choice`` auto): a 135M model often answers directly.
+3. The same skills without tools: ``auto_skill=True`` routes each request by description.
 
     python examples/langchain_agent_skills.py          # default model (needs a Text-to-LoRA checkpoint)
     python examples/langchain_agent_skills.py --tiny   # tiny random model: runs in seconds, gibberish
@@ -24,7 +25,7 @@ import warnings
 from typing import Any
 
 from _models import add_model_args, load_model
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from hyperlora_integrations.langchain import ChatHyperLoRA, skill_tool
 from hyperlora_integrations.skills import SkillLibrary
@@ -58,13 +59,25 @@ def make_agent(llm: ChatHyperLoRA, tools: list[Any]) -> tuple[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
-    parser.add_argument("--max-tokens", type=int, default=None, help="per model call (default 64, 8 with --tiny)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="per model call (default 96, 64 with --tiny)")
     args = parser.parse_args(argv)
     model = load_model(args, need=("t2l",))
-    max_tokens = args.max_tokens or (8 if args.tiny else 64)
+    max_tokens = args.max_tokens or (64 if args.tiny else 96)
 
     llm = ChatHyperLoRA(model=model, max_tokens=max_tokens)
     tools = [skill_tool(llm, name, description) for name, description in SKILLS.items()]
+    by_name = {t.name: t for t in tools}
+
+    for task in TASKS:
+        messages = [SystemMessage(SYSTEM), HumanMessage(task)]
+        call_turn = llm.bind_tools(tools, tool_choice="any").invoke(messages)
+        results = [by_name[c["name"]].invoke(c) for c in call_turn.tool_calls]  # ToolMessages
+        answer = llm.bind_tools(tools).invoke([*messages, call_turn, *results])
+        print(f"[loop] task: {task}")
+        for c, r in zip(call_turn.tool_calls, results, strict=True):
+            print(f"    called {c['name']}({c['args']}) -> {r.content.strip()[:200]!r}")
+        print(f"    answer: {answer.text.strip()!r} (further calls: {[c['name'] for c in answer.tool_calls]})")
+
     constructor, agent = make_agent(llm, tools)
     print(f"agent built with {constructor}; tools {[t.name for t in tools]}")
 
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The same skills without an agent: each tool run directly, then routed by description.
     for tool, task in zip(tools, TASKS, strict=True):
-        print(f"[tool] {tool.name}: {tool.invoke({'request': task}).strip()!r}")
+        print(f"[tool] {tool.name}: {tool.invoke({'input': task}).strip()!r}")
 
     library = SkillLibrary(model)
     for name, description in SKILLS.items():
