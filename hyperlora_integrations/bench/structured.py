@@ -184,7 +184,7 @@ _FENCE = re.compile(r"\A\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.DOTALL)
 
 def prompts(schema: str, n: int) -> list[str]:
     """``n`` distinct prompts for ``schema`` (at most 50)."""
-    all_prompts = [ask.format(s=s) for s in _SUBJECTS[schema] for ask in _ASKS]
+    all_prompts = [ask.format(s=s) for ask in _ASKS for s in _SUBJECTS[schema]]  # subjects first: a varied sample
     return all_prompts[:n]
 
 
@@ -225,45 +225,60 @@ class _Timed(LogitsProcessor):
             self.calls += 1
 
 
-def run(model, *, n_prompts: int, max_new_tokens: int, schemas: list[str], progress: bool = True) -> dict[str, Any]:
-    """Generate every (schema, prompt) pair both ways; return per-pair records and a summary."""
+def run(
+    model,
+    *,
+    n_prompts: int,
+    max_new_tokens: int,
+    schemas: list[str],
+    progress: bool = True,
+    on_record: Any = None,
+) -> dict[str, Any]:
+    """Generate every (schema, prompt) pair both ways; return per-pair records and a summary.
+
+    Pairs go round-robin over the schemas (prompt 1 of each, then prompt 2, ...), and
+    ``on_record(records)`` is called after each, so a run stopped early is still a balanced sample.
+    """
     from ..constrained import constraint_processor
 
-    records = []
-    for name in schemas:
+    records: list[dict[str, Any]] = []
+    per_schema = {name: prompts(name, n_prompts) for name in schemas}
+    order = [(name, i, per_schema[name][i]) for i in range(n_prompts) for name in schemas]
+    for name, i, prompt in order:
         schema = SCHEMAS[name]
-        for i, prompt in enumerate(prompts(name, n_prompts)):
-            messages = [{"role": "system", "content": instruction(schema)}, {"role": "user", "content": prompt}]
-            row: dict[str, Any] = {"schema": name, "prompt": prompt}
-            for condition in ("prompted", "constrained"):
-                extra: dict[str, Any] = {}
-                timed = None
-                if condition == "constrained":
-                    proc = constraint_processor(model.tokenizer, model._eos_ids, json_schema=schema)
-                    proc.set_budget(max_new_tokens)
-                    timed = _Timed(proc)
-                    extra["logits_processor"] = [timed]
-                start = time.perf_counter()
-                chunk = model.complete(messages, max_new_tokens=max_new_tokens, **extra)
-                wall = time.perf_counter() - start
-                row[condition] = {
-                    "text": chunk.text,
-                    "valid": is_valid(chunk.text, schema),
-                    "tokens": chunk.completion_tokens,
-                    "finish": chunk.finish_reason,
-                    "wall_s": round(wall, 4),
-                    "grammar_s": round(timed.seconds, 5) if timed else 0.0,
-                    "grammar_calls": timed.calls if timed else 0,
-                }
-            records.append(row)
-            if progress:
-                p, c = row["prompted"], row["constrained"]
-                print(
-                    f"[{name} {i + 1}/{n_prompts}] prompted valid={p['valid']} ({p['tokens']} tok) "
-                    f"constrained valid={c['valid']} ({c['tokens']} tok)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        messages = [{"role": "system", "content": instruction(schema)}, {"role": "user", "content": prompt}]
+        row: dict[str, Any] = {"schema": name, "prompt": prompt}
+        for condition in ("prompted", "constrained"):
+            extra: dict[str, Any] = {}
+            timed = None
+            if condition == "constrained":
+                proc = constraint_processor(model.tokenizer, model._eos_ids, json_schema=schema)
+                proc.set_budget(max_new_tokens)
+                timed = _Timed(proc)
+                extra["logits_processor"] = [timed]
+            start = time.perf_counter()
+            chunk = model.complete(messages, max_new_tokens=max_new_tokens, **extra)
+            wall = time.perf_counter() - start
+            row[condition] = {
+                "text": chunk.text,
+                "valid": is_valid(chunk.text, schema),
+                "tokens": chunk.completion_tokens,
+                "finish": chunk.finish_reason,
+                "wall_s": round(wall, 4),
+                "grammar_s": round(timed.seconds, 5) if timed else 0.0,
+                "grammar_calls": timed.calls if timed else 0,
+            }
+        records.append(row)
+        if on_record is not None:
+            on_record(records)
+        if progress:
+            p, c = row["prompted"], row["constrained"]
+            print(
+                f"[{name} {i + 1}/{n_prompts}] prompted valid={p['valid']} ({p['tokens']} tok) "
+                f"constrained valid={c['valid']} ({c['tokens']} tok)",
+                file=sys.stderr,
+                flush=True,
+            )
     return {"records": records, "summary": summarize(records)}
 
 
@@ -347,19 +362,33 @@ def main(argv: list[str] | None = None) -> int:
 
         model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     start = time.perf_counter()
-    results = run(
-        model, n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, schemas=schemas, progress=not args.quiet
-    )
-    results["meta"] = {
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
         "model": model.name,
         "argv": argv if argv is not None else sys.argv[1:],
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
-        "wall_s": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+
+    def save(records: list[dict[str, Any]], complete: bool = False) -> dict[str, Any]:
+        results = {
+            "records": records,
+            "summary": summarize(records),
+            "meta": {**meta, "complete": complete, "wall_s": round(time.perf_counter() - start, 1)},
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        return results
+
+    finished = run(
+        model,
+        n_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        schemas=schemas,
+        progress=not args.quiet,
+        on_record=save,
+    )
+    results = save(finished["records"], complete=True)
     text = report(results["summary"])
     (out / "report.md").write_text(text)
     print(text)
