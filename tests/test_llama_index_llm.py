@@ -65,7 +65,7 @@ def test_metadata_is_the_models(llm, tiny_model):
     assert meta.context_window == tiny_model.max_context
     assert meta.num_output == N
     assert meta.is_chat_model is True
-    assert meta.is_function_calling_model is False
+    assert meta.is_function_calling_model is True  # tool calls decoded under a grammar (issue #21)
     assert meta.model_name == tiny_model.name
 
 
