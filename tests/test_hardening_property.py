@@ -42,14 +42,23 @@ json_value = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=8,
 )
-dim = st.one_of(st.integers(min_value=-2, max_value=6), st.sampled_from([2**31, 2**62, 10**30]), json_scalar)
+dim = st.one_of(
+    st.integers(min_value=-2, max_value=6),
+    st.sampled_from([2**31, 2**62, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    json_scalar,
+)
+offsets = st.one_of(
+    st.lists(st.one_of(st.integers(-4, 80), json_scalar), min_size=2, max_size=2),
+    st.text(min_size=2, max_size=2),
+    json_value,
+)
+dtype = st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "WAT"]), json_value)
 entry = st.fixed_dictionaries(
-    {},
-    optional={
-        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "WAT"]), json_value),
-        "shape": st.one_of(st.lists(dim, max_size=4), json_value),
-        "data_offsets": st.one_of(st.lists(st.one_of(st.integers(-4, 80), json_scalar), max_size=3), json_value),
-    },
+    {}, optional={"dtype": dtype, "shape": st.lists(dim, max_size=4), "data_offsets": offsets}
+)
+plausible_entry = st.fixed_dictionaries(
+    {"dtype": st.sampled_from(["F32", "F16", "U8"]), "shape": st.lists(dim, max_size=3), "data_offsets": offsets}
 )
 metadata_value = st.one_of(
     st.dictionaries(
@@ -62,10 +71,15 @@ metadata_value = st.one_of(
     ),
     json_value,
 )
-header = st.dictionaries(
-    st.one_of(st.sampled_from(["m.A", "m.B", "x.A", "__metadata__"]), st.text(max_size=6)),
-    st.one_of(entry, metadata_value, json_value),
-    max_size=4,
+header = st.one_of(
+    st.dictionaries(
+        st.one_of(st.sampled_from(["m.A", "m.B", "x.A", "__metadata__"]), st.text(max_size=6)),
+        st.one_of(entry, metadata_value, json_value),
+        max_size=4,
+    ),
+    st.fixed_dictionaries({"__metadata__": metadata_value}),
+    st.fixed_dictionaries({"x.A": plausible_entry}),
+    st.fixed_dictionaries({"__metadata__": metadata_value, "m.A": plausible_entry, "m.B": plausible_entry}),
 )
 
 
