@@ -51,7 +51,7 @@ def snapshot(store: AdapterStore) -> tuple:
     rows = []
     for ns in store.namespaces():
         rows += [(ns, m.model_dump_json()) for m in store.list(namespace=ns)]
-    jobs = [(j.namespace, j.id, j.state) for j in store.jobs()]
+    jobs = [(j.namespace, j.id, j.state) for j in store.jobs(states=("queued", "running", "failed"))]
     files = sorted(str(p.relative_to(store.path)) for p in (store.path / "blobs").rglob("*"))
     return rows, jobs, files
 
@@ -204,3 +204,35 @@ def test_corpus_files_and_rows(tmp_path):
     assert _row(b"\xff\xfe", None, "x")["error"].startswith("not UTF-8")
     assert _row("  ", None, "x")["error"] == "empty or whitespace-only document"
     assert json.loads(_row("t", {"k": 1}, "s.txt")["metadata"]) == {"source": "s.txt", "k": 1}
+
+
+def test_batched_decoding_gives_each_request_its_own_adapters(engine, model):
+    """With ``enable_batching`` (what the replicas use) concurrent chat and completion requests
+    with different adapters are rows of one batch; each gets its solo answer."""
+    import asyncio
+
+    ids = engine.add_documents(DocumentsRequest(documents=[{"text": t} for t in DOCS]))["ids"]
+    bodies = [{"model": i, "messages": messages(), "max_tokens": 8} for i in [*ids, engine.base_name]]
+    solo = [chat(engine, body)[0] for body in bodies]
+
+    def plan(req):
+        targets = engine.targets(req.model, req.adapters)
+        return engine.plan(req, targets, [engine.load(t) for t in targets if t.text is None])
+
+    completion = CompletionRequest(model=ids[1], prompt="The keeper is", max_tokens=6)
+    solo_completion = "".join(c.text for c in engine.run(plan(completion)))
+
+    async def collect(p):
+        return "".join([c.text async for c in engine.astream(p)])
+
+    async def all_at_once():
+        plans = [plan(ChatCompletionRequest.model_validate(b)) for b in bodies] + [plan(completion)]
+        return await asyncio.gather(*(collect(p) for p in plans))
+
+    scheduler = model.enable_batching(max_batch_size=8)
+    try:
+        got = asyncio.run(all_at_once())
+    finally:
+        model.disable_batching()
+    assert got == [*solo, solo_completion]
+    assert scheduler.stats["max_rows"] >= 2  # they really shared a batch

@@ -7,10 +7,9 @@ Serve routes by a multiplexed model id set on the handle:
   or too large before any replica sees it, and calls the server with
   ``multiplexed_model_id=<model>`` so requests for one adapter go to replicas that have it.
 * ``HyperLoRAServer`` (the model, a store, a ``ServingEngine``): loads adapters on demand through
-  ``@serve.multiplexed`` (an LRU of ``max_adapters_per_replica`` per replica) and decodes in a
-  thread pool, so several requests with different adapters are in flight in one replica (each
-  call's adapters are scoped to its thread by the core; there is no batched multi-adapter decoder
-  in the package yet, so each request is decoded on its own).
+  ``@serve.multiplexed`` (an LRU of ``max_adapters_per_replica`` per replica) and decodes with the
+  model's continuous batching (``model.enable_batching()``, ``batching.BatchScheduler``): the
+  requests in flight in a replica are rows of one batch, each row with its own adapters.
 
 The server streams events (``start``/``delta``/``end``/``error``); the ingress turns them into a
 chat or completion response, streamed as server-sent events or whole. Errors found before the
@@ -19,10 +18,8 @@ first token (unknown adapter, prompt too long) reach the client as OpenAI-style 
 
 import asyncio
 import json
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -53,39 +50,6 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from ray import serve  # noqa: E402
 
 
-async def _in_thread(executor: ThreadPoolExecutor, factory: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Iterate a blocking generator in ``executor`` without blocking the replica's event loop.
-
-    If the consumer goes away (client disconnected), the generator is stopped at its next item.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in factory():
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-    loop.run_in_executor(executor, work)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
 @serve.deployment(max_ongoing_requests=8)
 class HyperLoRAServer:
     """One model replica: adapters multiplexed per replica, requests decoded in threads."""
@@ -108,7 +72,8 @@ class HyperLoRAServer:
             default_temperature=cfg.default_temperature,
             max_prompt_tokens=cfg.max_prompt_tokens,
         )
-        self.executor = ThreadPoolExecutor(max_workers=cfg.max_ongoing_requests, thread_name_prefix="hyperlora")
+        if cfg.batching:  # concurrent requests of this replica decode as rows of one batch
+            self.model.enable_batching(max_batch_size=cfg.max_ongoing_requests)
 
         async def load_adapter(load_key: str):
             return await asyncio.to_thread(self.engine.load, Target.from_load_key(load_key))
@@ -150,7 +115,7 @@ class HyperLoRAServer:
             return
         yield {"type": "start", "info": plan.info(), "prompt_tokens": len(plan.prompt_ids)}
         try:
-            async for chunk in _in_thread(self.executor, lambda: self.engine.run(plan)):
+            async for chunk in self.engine.astream(plan):
                 if chunk.finish_reason is None:
                     if chunk.text:
                         yield {"type": "delta", "text": chunk.text}

@@ -27,7 +27,10 @@ class ServeConfig(BaseModel):
     """The base model's ``model`` value (default: the loaded model's name)."""
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)
-    """Requests decoded at once per replica (each in its own thread)."""
+    """Requests in flight per replica; with ``batching`` also the largest decoding batch."""
+    batching: bool = True
+    """Decode a replica's concurrent requests as one batch (each row with its own adapters);
+    ``False``: one token loop per request, in threads."""
     max_adapters_per_replica: int = Field(16, ge=1)
     """Size of each replica's LRU of loaded adapters (Ray Serve model multiplexing)."""
     replica_num_cpus: float = Field(1.0, ge=0)

@@ -14,17 +14,19 @@ status code instead of an error in the middle of a 200 stream.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..adapters.corpus import InternalizedCorpus, ReferenceResolver
 from ..adapters.store import AdapterStore, check_name
+from ..batching import AdapterScope, achunks_from_tokens
 from ..chat import encode_text
 from ..errors import AdapterNotFoundError, InvalidInputError
-from ..generation import Chunk, SamplingParams, stream_tokens
+from ..generation import Chunk, SamplingParams, chunks_from_tokens, stream_tokens
 from ..lora import Adapter
 from .schemas import ChatCompletionRequest, CompletionRequest, ContextLengthExceededError, DocumentsRequest
 
@@ -67,6 +69,9 @@ class Plan:
     prompt_ids: list[int]
     adapters: list[Adapter]
     params: SamplingParams
+    sampling: dict[str, Any]  # the keyword arguments ``params`` was made from (for ``stream_chunks``)
+    messages: list[dict[str, str]] | None = None  # chat: references stripped
+    context: str | None = None  # chat: text of queued documents, stuffed before the first user turn
     served_by: dict[str, str] = field(default_factory=dict)
     rejected_references: int = 0
 
@@ -173,7 +178,7 @@ class ServingEngine:
         return adapter
 
     # ------------------------------------------------------------------ planning
-    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> dict[str, Any]:
         room = self.model.max_context - prompt_len
         limit = self.max_prompt_tokens
         if limit is not None and prompt_len > limit:
@@ -188,13 +193,15 @@ class ServingEngine:
                 f"prompt of {prompt_len} tokens + {new_tokens} new tokens exceeds the {self.model.max_context}-token "
                 "context; shorten the prompt, lower max_tokens, or internalize long documents (POST /v1/documents)"
             )
-        return SamplingParams(
-            max_new_tokens=new_tokens,
-            temperature=self.default_temperature if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            stop=req.stop or (),
-            seed=req.seed,
-        )
+        sampling: dict[str, Any] = {
+            "max_new_tokens": new_tokens,
+            "temperature": self.default_temperature if req.temperature is None else req.temperature,
+            "stop": req.stop or (),
+            "seed": req.seed,
+        }
+        if req.top_p is not None and req.top_p < 1:
+            sampling["top_p"] = req.top_p
+        return sampling
 
     def plan(
         self, req: ChatCompletionRequest | CompletionRequest, targets: Sequence[Target], loaded: Sequence[Adapter]
@@ -212,10 +219,12 @@ class ServingEngine:
             for key, how in resolution.served_by.items():  # keyed by id, or (namespace, id)
                 served.setdefault(key if isinstance(key, str) else "/".join(map(str, key)), how)
             context = "\n\n".join(contexts) if contexts else None
-            ids = self.model.encode(resolution.messages, context=context)
+            messages = resolution.messages
+            ids = self.model.encode(messages, context=context)
             rejected = resolution.rejected
             kind = "chat"
         else:
+            messages, context = None, None
             text = req.text()
             prefix = "".join(c + "\n\n" for c in contexts)
             ids = encode_text(self.model.tokenizer, prefix + text) if (prefix + text) else []
@@ -223,29 +232,54 @@ class ServingEngine:
             kind = "completion"
             if not ids:
                 raise InvalidInputError("prompt is empty")
-        params = self._sampling(req, len(ids))
-        self.model._checked(adapters)  # base model and shapes, before any decoding
-        return Plan(kind, req.model, ids, adapters, params, served, rejected)
+        sampling = self._sampling(req, len(ids))
+        params = SamplingParams(**sampling)
+        self.model.activate(adapters)  # checks base model and shapes before any decoding
+        return Plan(kind, req.model, ids, adapters, params, sampling, messages, context, served, rejected)
 
     # ------------------------------------------------------------------ decoding
     def run(self, plan: Plan) -> Iterator[Chunk]:
-        """Decode ``plan`` token by token, its adapters active for this call only.
+        """Decode ``plan``, its adapters active for this call only (blocking; any thread).
 
-        One request at a time per call: the batched multi-adapter decoder is not in this package
-        yet, so concurrent requests in a replica run in parallel threads over the shared model.
+        Chat goes through ``HyperLoRAModel.stream_chunks``; a raw completion through the same
+        decoder on its pre-encoded ids. With ``model.enable_batching()`` both join the model's
+        continuous batch (one row per request, each with its own adapters); without it each
+        request runs its own token loop.
         """
         model = self.model
-        if plan.adapters:
-            A, B = model.injector.folded(plan.adapters)
-
-            def scope():
-                return model.injector.activate_weights(A, B)
+        if plan.kind == "chat":
+            yield from model.stream_chunks(plan.messages, plan.adapters, context=plan.context, **plan.sampling)
+            return
+        scope = AdapterScope(model.injector, plan.adapters)
+        batcher = getattr(model, "_batcher", None)
+        if batcher is None:
+            yield from stream_tokens(model.model, model.tokenizer, plan.prompt_ids, plan.params, scope, model._eos_ids)
         else:
+            tokens = batcher.tokens(plan.prompt_ids, scope, plan.params, model._eos_ids)
+            yield from chunks_from_tokens(tokens, model.tokenizer, plan.params.stop, len(plan.prompt_ids))
 
-            def scope():
-                return model.injector.activate(())
-
-        yield from stream_tokens(model.model, model.tokenizer, plan.prompt_ids, plan.params, scope, model._eos_ids)
+    async def astream(self, plan: Plan) -> AsyncIterator[Chunk]:
+        """``run`` for asyncio: with batching, tokens arrive on the event loop (no thread per
+        request); without it each chunk is computed in a worker thread. Closing the iterator
+        (a client that went away) cancels the request's row."""
+        model = self.model
+        if plan.kind == "chat":
+            async for chunk in model.astream_chunks(
+                plan.messages, plan.adapters, context=plan.context, **plan.sampling
+            ):
+                yield chunk
+            return
+        batcher = getattr(model, "_batcher", None)
+        if batcher is not None:
+            scope = AdapterScope(model.injector, plan.adapters)
+            tokens = batcher.atokens(plan.prompt_ids, scope, plan.params, model._eos_ids)
+            async for chunk in achunks_from_tokens(tokens, model.tokenizer, plan.params.stop, len(plan.prompt_ids)):
+                yield chunk
+            return
+        stream = self.run(plan)
+        done = object()
+        while (chunk := await asyncio.to_thread(next, stream, done)) is not done:
+            yield chunk
 
     # ------------------------------------------------------------------ catalogue and documents
     def models(self) -> list[dict[str, Any]]:
