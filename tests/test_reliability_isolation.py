@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 
 from hyperlora_integrations.adapters import AdapterStore, InternalizedCorpus, ReferenceResolver, store_signer
 from hyperlora_integrations.adapters.references import REF_RE, ReferenceSigner
@@ -23,7 +25,7 @@ from hyperlora_integrations.skills import SkillLibrary
 
 N = 40  # concurrent requests per mode (the issue asks for at least 32)
 NEW_TOKENS = 8
-PROMPTS = ["Tell me about the town.", "What happened in 2031?"]
+PROMPTS = ["Tell me about the town.", "What happened in 2031?", "Describe the harbour at dawn."]
 
 
 def run(model, prompt, adapters) -> tuple[int, ...]:
@@ -43,36 +45,83 @@ def random_adapter(model, seed: int, rank: int = 4, scale: float = 0.4) -> Adapt
     )
 
 
+class _Margin(LogitsProcessor):
+    """Records the gap between the two best logits at each step (it changes nothing)."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        top = scores[0].topk(2).values
+        self.gaps.append(float(top[0] - top[1]))
+        return scores
+
+
+TIE = 1e-5
+"""Logit gaps below this are ties that float rounding decides: a batched matmul may round a row
+differently from a one-row matmul (~1e-7 here), so such a step could flip without any leak."""
+
+
+def _candidates(tiny_model, internalized, i: int):
+    """Request ``i``'s (prompt, adapters), then re-draws of it (other prompts, seeds)."""
+    for attempt in range(len(PROMPTS) * 3):
+        kind, seed = i % 4, i + 10_000 * attempt
+        if kind == 0:
+            adapters = [] if i % 8 == 0 else [random_adapter(tiny_model, 1000 + seed, scale=0.8)]
+        elif kind == 1:
+            adapters = [random_adapter(tiny_model, seed)]
+        elif kind == 2:
+            adapters = [internalized[(i + attempt) % len(internalized)]]
+        else:
+            adapters = [random_adapter(tiny_model, 500 + seed), internalized[(i + 3) % len(internalized)]]
+        yield PROMPTS[(i + attempt) % len(PROMPTS)], adapters
+
+
 @pytest.fixture(scope="module")
-def requests(tiny_model):
-    """N (prompt, adapters) pairs: none, one random, one internalized, two combined."""
+def drawn(tiny_model):
+    """N (prompt, adapters) pairs (none, one random, one internalized, two combined) and the
+    token ids each gives alone. A request whose greedy path has a tie (gap < ``TIE``) is
+    re-drawn so that a difference can only mean a leak; how many were is asserted below."""
     docs = [
         f"Fact {i}: the lighthouse of Port {i * 37} was painted {['red', 'blue', 'green'][i % 3]}." for i in range(8)
     ]
     internalized = [tiny_model.internalize(d) for d in docs]
-    out = []
+    requests, ids, redrawn = [], [], 0
     for i in range(N):
-        kind = i % 4
-        if kind == 0:
-            adapters = [] if i % 8 == 0 else [random_adapter(tiny_model, 1000 + i, scale=0.8)]
-        elif kind == 1:
-            adapters = [random_adapter(tiny_model, i)]
-        elif kind == 2:
-            adapters = [internalized[i % len(internalized)]]
-        else:
-            adapters = [random_adapter(tiny_model, 500 + i), internalized[(i + 3) % len(internalized)]]
-        out.append((PROMPTS[i % 2], adapters))
-    return out
+        for prompt, adapters in _candidates(tiny_model, internalized, i):
+            margin = _Margin()
+            out = tiny_model.complete(prompt, adapters, max_new_tokens=NEW_TOKENS, logits_processor=[margin])
+            if min(margin.gaps) >= TIE:
+                break
+            redrawn += 1
+        requests.append((prompt, adapters))
+        ids.append(out.token_ids)
+    assert redrawn <= 2, f"{redrawn} of {N} requests had logit ties: the tiny model is not what it was"
+    return requests, ids
 
 
 @pytest.fixture(scope="module")
-def sequential(tiny_model, requests):
-    out = [run(tiny_model, prompt, adapters) for prompt, adapters in requests]
+def requests(drawn):
+    return drawn[0]
+
+
+@pytest.fixture(scope="module")
+def sequential(drawn):
+    out = drawn[1]
     assert len(set(out)) >= N // 2, "adapters barely change the output: the comparison would prove little"
     return out
 
 
-def test_threads_match_sequential_token_ids(tiny_model, requests, sequential):
+@pytest.fixture(params=["solo", "batched"])
+def path(request, tiny_model):
+    """Each isolation test runs twice: one decoding loop per request, and the continuous batch
+    (``enable_batching``), where all N requests share decoding steps with their own adapters."""
+    batcher = tiny_model.enable_batching(max_batch_size=N) if request.param == "batched" else None
+    yield batcher
+    tiny_model.disable_batching()
+
+
+def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, path):
     barrier = threading.Barrier(N)
     results: list[tuple[int, ...] | None] = [None] * N
 
@@ -87,9 +136,12 @@ def test_threads_match_sequential_token_ids(tiny_model, requests, sequential):
         t.join()
     assert results == sequential
     assert active_weights() is None
+    if path is not None:  # they really shared steps, and every row and adapter slot was freed
+        assert path.stats["max_rows"] >= 8 and path.stats["steps"] < N * NEW_TOKENS // 4
+        assert path.active_rows == 0 and len(path._slots) == 0
 
 
-async def test_asyncio_tasks_match_sequential_token_ids(tiny_model, requests, sequential):
+async def test_asyncio_tasks_match_sequential_token_ids(tiny_model, requests, sequential, path):
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(max_workers=N) as pool:  # all N in flight at once, not the default 6
         loop.set_default_executor(pool)
@@ -98,7 +150,7 @@ async def test_asyncio_tasks_match_sequential_token_ids(tiny_model, requests, se
     assert active_weights() is None
 
 
-def test_interleaved_streams_in_one_thread_do_not_leak(tiny_model, requests, sequential):
+def test_interleaved_streams_in_one_thread_do_not_leak(tiny_model, requests, sequential, path):
     """Adapters are active around each forward pass only, never across a ``yield``: N streams
     advanced round-robin in one thread still decode exactly as they do alone."""
     texts = ["" for _ in requests]
@@ -115,7 +167,7 @@ def test_interleaved_streams_in_one_thread_do_not_leak(tiny_model, requests, seq
     assert texts == alone
 
 
-def test_background_worker_and_skill_encoder_run_beside_requests(tiny_model, requests, sequential, tmp_path):
+def test_background_worker_and_skill_encoder_run_beside_requests(tiny_model, requests, sequential, path, tmp_path):
     """The worker's hypernetwork passes and the skill router's encoder share the model with
     requests: neither may change a request's tokens, and no request's adapter may reach them."""
     docs = [f"Background document {i} describes the canal of Veyra number {i}." for i in range(12)]
@@ -157,6 +209,53 @@ def test_background_worker_and_skill_encoder_run_beside_requests(tiny_model, req
         assert torch.allclose(stored.A["down_proj"], alone.A["down_proj"], atol=1e-6)
         assert torch.allclose(stored.B["down_proj"], alone.B["down_proj"], atol=1e-6)
     store.close()
+
+
+async def test_batched_asyncio_streams_match_sequential_token_ids(tiny_model, requests, sequential):
+    """``astream_chunks`` on the batch: N asyncio tasks, no thread per request, same token ids."""
+    batcher = tiny_model.enable_batching(max_batch_size=N)
+    try:
+
+        async def one(prompt, adapters):
+            chunks = [c async for c in tiny_model.astream_chunks(prompt, adapters, max_new_tokens=NEW_TOKENS)]
+            return chunks[-1].token_ids
+
+        results = await asyncio.gather(*(one(p, a) for p, a in requests))
+        assert list(results) == sequential
+        assert batcher.stats["max_rows"] >= 8 and batcher.active_rows == 0
+    finally:
+        tiny_model.disable_batching()
+
+
+def test_batched_cancelled_stream_frees_its_row_and_others_are_unaffected(tiny_model, requests, sequential):
+    """A client that stops reading mid-answer frees its batch row and adapter slot at the next
+    step; the requests beside it still get exactly their sequential token ids."""
+    batcher = tiny_model.enable_batching(max_batch_size=N)
+    try:
+        abandoned = [tiny_model.stream_chunks(p, a, max_new_tokens=400) for p, a in requests[:8]]
+        for stream in abandoned:
+            next(stream)
+        results: list[tuple[int, ...] | None] = [None] * N
+
+        def worker(i):
+            results[i] = run(tiny_model, *requests[i])
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(N)]
+        for t in threads:
+            t.start()
+        for stream in abandoned:
+            stream.close()
+        for t in threads:
+            t.join()
+        assert results == sequential
+        deadline = time.time() + 10
+        while batcher.active_rows and time.time() < deadline:
+            time.sleep(0.01)
+        assert batcher.active_rows == 0 and len(batcher._slots) == 0
+        assert batcher.stats["cancelled"] == 8
+        assert batcher.stats["row_steps"] < 8 * 400  # the abandoned rows did not run to their budget
+    finally:
+        tiny_model.disable_batching()
 
 
 # ---------------------------------------------------------------------- namespaced references
