@@ -1,7 +1,8 @@
-"""Model loading shared by the LlamaIndex examples: the default model, or the tiny test model.
+"""Model loading shared by the examples: the default model, or the tiny test model.
 
 ``--tiny`` builds a 2-layer random Llama with the real tokenizer and random (untrained) hypernets
-whose adapters are non-zero: every code path runs in seconds, and every answer is gibberish.
+whose adapters are non-zero: every code path runs in seconds, and every answer is meaningless
+(often empty: the random model mostly emits whitespace, which prints as '').
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from hyperlora_integrations import HyperLoRAModel
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (seconds; outputs are gibberish)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny random model (seconds; answers are meaningless, often empty)"
+    )
     parser.add_argument("--d2l", default="default", help="Doc-to-LoRA checkpoint dir ('default': the shipped one)")
     parser.add_argument("--t2l", default="default", help="Text-to-LoRA checkpoint dir ('default': the shipped one)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -37,7 +40,8 @@ def load_model(args: argparse.Namespace, *, need: tuple[str, ...]) -> HyperLoRAM
     missing = [kind for kind in need if getattr(model, kind) is None]
     if missing:
         raise SystemExit(
-            f"no {' / '.join(missing)} checkpoint is available for {model.name} (none shipped yet, or none "
-            "given): pass --d2l/--t2l with a trained checkpoint directory, or run with --tiny"
+            f"no {' / '.join(missing)} checkpoint is loaded for {model.name}: checkpoints ship for the default "
+            "model only; pass --d2l/--t2l with a trained checkpoint "
+            "directory, or run with --tiny"
         )
     return model

