@@ -75,6 +75,7 @@ EVAL_KINDS = {
     "d2l": "Doc-to-LoRA on held-out questions (NLL gap closed, token F1, mismatched control)",
     "t2l": "Text-to-LoRA on held-out tasks (task metric vs description in the prompt)",
     "long": "internalize a 32k-token document with the fact in its last chunk (memory, latency)",
+    "fictional": "consolidation on fictional documents: no doc / in prompt / instant / consolidated / mismatched",
 }
 
 
@@ -98,6 +99,8 @@ def _eval(argv: list[str]) -> int:
         from .training.eval_d2l import main
     elif kind == "t2l":
         from .training.eval_t2l import main
+    elif kind == "fictional":
+        from .training.eval_fictional import main
     else:
         from .bench.long_document import main
     main(argv[1:])
@@ -178,6 +181,66 @@ def _drain(argv: list[str]) -> int:
     return 0
 
 
+def _consolidate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="hyperlora consolidate",
+        description="Consolidate a store's documents now (queued consolidations, or --all instant adapters), "
+        "with progress; or one text file into a PEFT adapter with --file.",
+    )
+    p.add_argument("store", nargs="?", help="AdapterStore directory")
+    p.add_argument("--namespace", default=None, help="only this namespace (with --all)")
+    p.add_argument("--all", action="store_true", help="also queue every stored document not consolidated yet")
+    p.add_argument("--file", default=None, help="a text file to consolidate into OUT (PEFT format)")
+    p.add_argument("--out", default=None, help="output directory for --file")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--base-model", default=None)
+    p.add_argument("--timeout", type=float, default=None, help="seconds before giving up (default: none)")
+    args = p.parse_args(argv)
+    if (args.store is None) == (args.file is None):
+        return _fail("consolidate", "give a STORE directory, or --file TEXT --out DIR")
+    if args.file is not None:
+        if args.out is None:
+            return _fail("consolidate", "--file needs --out DIR")
+        text = _read_document(args.file)
+        if isinstance(text, int):
+            return text
+    elif not Path(args.store).is_dir():
+        return _fail("consolidate", f"no store at {args.store!r}")
+    from .model import HyperLoRAModel
+
+    model = HyperLoRAModel.from_pretrained(args.base_model)
+    if args.file is not None:
+        adapter = model.consolidate(text, steps=args.steps, progress=True, source=args.file)
+        print(f"consolidated -> {model.export_adapter(adapter, args.out)}")
+        return 0
+    from .adapters import AdapterStore
+    from .adapters.worker import drain
+
+    store = AdapterStore(args.store)
+    if args.all:
+        spaces = [args.namespace] if args.namespace else store.namespaces()
+        queued = 0
+        for ns in spaces:
+            for meta in store.list(namespace=ns, kind="document"):
+                text = store.text(meta.id, namespace=ns)
+                if text and not (meta.model_extra or {}).get("consolidated"):
+                    queued += store.enqueue(
+                        "consolidate",
+                        meta.id,
+                        text,
+                        namespace=ns,
+                        fingerprint=model.fingerprint,
+                        options={
+                            "source": meta.source,
+                            "user_metadata": (meta.model_extra or {}).get("user_metadata", {}),
+                        },
+                    )
+        print(f"queued {queued} documents for consolidation")
+    done = drain(store, model=model, progress=True, timeout=args.timeout)
+    print(f"finished {done} queued jobs")
+    return 0
+
+
 def _serve(argv: list[str]) -> int:
     from .serving.cli import serve_main
 
@@ -203,6 +266,7 @@ COMMANDS = {
     "bench": _bench,
     "export": _export,
     "drain": _drain,
+    "consolidate": _consolidate,
     "serve": _serve,
     "ingest": _ingest,
     "import": _import,
@@ -217,6 +281,7 @@ USAGE = f"""usage: {PROG} [--version] {{{",".join(COMMANDS)}}} [options]
   bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)
   export  internalize a text file and save the adapter in PEFT format
   drain   finish a store's queued background internalizations, with a progress bar
+  consolidate  learn a store's documents (or --file TEXT) into their adapters now, with progress
   serve   OpenAI-compatible HTTP API on Ray Serve, adapters per request (extra [serve])
   ingest  internalize a corpus (text/JSONL/parquet) into a store on Ray Data (extra [serve])
   import  convert Sakana's released hypernetworks: `import sakana-d2l PATH OUT`, `import sakana-t2l DIR OUT`

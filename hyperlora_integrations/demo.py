@@ -1,5 +1,6 @@
-"""``hyperlora demo``: the same questions with no document, the document in the prompt, and the
-internalized adapter alone, each with its latency and prompt tokens."""
+"""``hyperlora demo``: the same questions with no document, the document in the prompt, the instant
+(one-pass hypernetwork) adapter and the consolidated adapter, each with its latency and prompt
+tokens; the adapters answer with the question alone in the prompt."""
 
 from __future__ import annotations
 
@@ -33,9 +34,17 @@ def run(base_model: str | None = None, max_new_tokens: int = 32) -> None:
         t0 = time.perf_counter()
         adapter = model.internalize(DOCUMENT, source="demo")
         print(f"internalized in {time.perf_counter() - t0:.2f}s -> {adapter}\n")
+    t0 = time.perf_counter()
+    consolidated = model.consolidate(DOCUMENT, source="demo", progress=True)
+    info = consolidated.metadata.model_extra["consolidation"]
+    print(
+        f"consolidated in {time.perf_counter() - t0:.1f}s ({info['steps']} steps, loss {info['loss_first']:.2f} -> "
+        f"{info['loss_last']:.2f}) -> {consolidated}\n"
+    )
     conditions = [("no document", {}), ("document in prompt", {"context": DOCUMENT})]
     if adapter is not None:
-        conditions.append(("adapter, no document", {"adapters": [adapter]}))
+        conditions.append(("instant adapter", {"adapters": [adapter]}))
+    conditions.append(("consolidated adapter", {"adapters": [consolidated]}))
     for question in QUESTIONS:
         print(f"Q: {question}")
         for label, kwargs in conditions:
@@ -43,5 +52,5 @@ def run(base_model: str | None = None, max_new_tokens: int = 32) -> None:
             out = model.complete(question, max_new_tokens=max_new_tokens, **kwargs)
             dt = time.perf_counter() - t0
             answer = " ".join(out.text.split())
-            print(f"  [{label:<21}] {dt:5.2f}s  prompt={out.prompt_tokens:>4} tok  {answer}")
+            print(f"  [{label:<20}] {dt:5.2f}s  prompt={out.prompt_tokens:>4} tok  {answer}")
         print()

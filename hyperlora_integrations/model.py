@@ -195,7 +195,9 @@ class HyperLoRAModel:
         return len(tiktoken.get_encoding(encoding).encode(text, disallowed_special=()))
 
     # ------------------------------------------------------------------ adapters
-    def _checked(self, adapters: Sequence[Adapter]) -> list[Adapter]:
+    def _checked(self, adapters: Sequence[Adapter] | Adapter) -> list[Adapter]:
+        if isinstance(adapters, Adapter):  # one adapter is accepted as well as a list of them
+            adapters = [adapters]
         adapters = list(adapters or ())
         for adapter in adapters:
             if not isinstance(adapter, Adapter):

@@ -56,7 +56,7 @@ def test_valid_reference_activates_its_adapter(index, llm, tiny_model, monkeypat
     adapter_id = ref.split(" id=")[1].split(" ")[0]
     rec.assert_exactly([index.store.get(adapter_id, namespace="facts")])
     assert response.raw["adapters"] == [adapter_id]
-    assert response.raw["served_by"] == {adapter_id: "adapter"}
+    assert response.raw["served_by"] == {adapter_id: "instant"}
     assert "hyperlora-ref" not in spy.prompt_text()
 
 

@@ -85,7 +85,7 @@ def test_add_returns_at_once_then_context_then_adapter(tiny_model, store, gate):
     corpus.drain(timeout=30)
     assert corpus.pending() == [] and store.verify() == []
     after = resolver.resolve([{"role": "user", "content": question}])
-    assert after.served_by == {ids[0]: "adapter"} and [a.id for a in after.adapters] == [ids[0]]
+    assert after.served_by == {ids[0]: "instant"} and [a.id for a in after.adapters] == [ids[0]]
     assert FESTIVAL not in after.messages[0]["content"]
     assert "Zorblax" not in tiny_model.tokenizer.decode(tiny_model.encode(after.messages))
     # the adapter is the one a foreground add would have made

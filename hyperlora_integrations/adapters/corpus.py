@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterNotFoundError, DocumentTooLargeError, EmptyDocumentError, InvalidInputError
+from tqdm.auto import tqdm
+
+from ..errors import (
+    AdapterNotFoundError,
+    DocumentTooLargeError,
+    EmptyDocumentError,
+    HypernetworkMissingError,
+    InvalidInputError,
+)
 from ..lora import Adapter, content_hash
 from .references import LOOSE_RE, REF_RE, Reference, strip_references
 from .retrieval import BM25Index, top_passages
@@ -22,6 +30,36 @@ from .store import AdapterStore, check_name, check_text, store_signer
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
+
+
+CONSOLIDATE_MODES = ("background", "now", False)
+
+
+def _consolidate_mode(value: str | bool | None) -> str | None:
+    """Normalise ``consolidate=``: "background" / "now" / None (off); ``True`` means "background"."""
+    if value is True:
+        return "background"
+    if value is False or value is None:
+        return None
+    if value in ("background", "now"):
+        return value
+    raise InvalidInputError(f"consolidate must be one of {CONSOLIDATE_MODES}, got {value!r}")
+
+
+def relative_cutoff(hits: Sequence[Any], cutoff: float | None) -> list[Any]:
+    """Drop hits scoring below ``cutoff`` times the best hit's score (hits sorted best first).
+
+    Why: an unrelated document's adapter is not a harmless extra passage -- it changes the
+    weights. Measured on the fictional fixture, another document's consolidated adapter raises
+    gold-answer NLL above having no document at all, so with k=4 and one relevant document,
+    three harmful adapters would be active (docs/doc-to-lora.md, "Several adapters at once").
+    """
+    if cutoff is not None and not (isinstance(cutoff, (int, float)) and 0.0 <= cutoff <= 1.0):
+        raise InvalidInputError(f"relative_score_cutoff must be in [0, 1] or None, got {cutoff!r}")
+    if cutoff is None or not hits:
+        return list(hits)
+    best = max(h.score for h in hits)
+    return [h for h in hits if h.score >= cutoff * best]
 
 
 @dataclass
@@ -137,25 +175,53 @@ class InternalizedCorpus:
         metadatas: Sequence[dict[str, Any]] | None = None,
         *,
         background: bool = False,
+        consolidate: str | bool = False,
+        progress: bool | None = None,
     ) -> list[str]:
         """Internalize each text (skipping ones already stored) and return their adapter ids.
 
         With ``background=True`` the texts are only queued (persistently) and the ids returned at
         once; the store's background worker internalizes them oldest first. Until then a
         reference to one is answered from its text (``ReferenceResolver``, ``served_by="context"``).
+
+        ``consolidate`` learns each document into its adapter by gradient steps (``consolidation``):
+        ``"background"`` stores the instant hypernetwork adapter now (when the model has a
+        hypernetwork and ``background`` is false) and queues the consolidation; ``"now"`` blocks
+        until every new document is consolidated (a tqdm bar with ``progress``); ``False`` keeps
+        the instant adapter only. A model without a Doc-to-LoRA hypernetwork needs ``consolidate``.
         """
+        mode = _consolidate_mode(consolidate)
+        if mode is None and self.model.d2l is None:
+            raise HypernetworkMissingError(
+                "this model has no Doc-to-LoRA hypernetwork: pass consolidate='background' or 'now' "
+                "to learn documents by gradient steps instead"
+            )
         texts, metadatas = self._validated(texts, metadatas)
         ids = []
         queued = False
+        bar = tqdm(total=len(texts), desc="consolidating documents", unit="doc", disable=not (progress and mode == "now"))
         for text, meta in zip(texts, metadatas, strict=True):
             existing = self.store.find_by_hash(content_hash(text), namespace=self.namespace)
             if existing is not None:
                 self.index.add(existing, text)
                 self._meta.setdefault(existing, dict(meta))
                 ids.append(existing)
+                if mode == "background":  # an instant adapter stored earlier gets consolidated now
+                    queued |= self._enqueue_consolidation(existing, text, meta)
+                elif mode == "now" and not self.store.metadata(existing, namespace=self.namespace).model_extra.get(
+                    "consolidated"
+                ):
+                    self._consolidate_now(existing, text, meta)
+                bar.update(1)
                 continue
             adapter_id = document_id(self.namespace, text)
-            if background:
+            if mode == "now":
+                self._consolidate_now(adapter_id, text, meta)
+            elif mode == "background":
+                if not background and self.model.d2l is not None:
+                    self._put_instant(adapter_id, text, meta)
+                queued |= self._enqueue_consolidation(adapter_id, text, meta)
+            elif background:
                 queued |= self.store.enqueue(
                     "document",
                     adapter_id,
@@ -166,16 +232,42 @@ class InternalizedCorpus:
                     fingerprint=self.model.fingerprint,
                 )
             else:
-                adapter = self.model.internalize(text, source=str(meta.get("source", "")))
-                adapter.metadata.id = adapter_id
-                adapter.metadata.user_metadata = dict(meta)
-                self.store.put(adapter, namespace=self.namespace, text=text)
+                self._put_instant(adapter_id, text, meta)
             self.index.add(adapter_id, text)
             self._meta[adapter_id] = dict(meta)
             ids.append(adapter_id)
+            bar.update(1)
+        bar.close()
         if queued:
             self.worker.start().wake()
         return ids
+
+    def _put_instant(self, adapter_id: str, text: str, meta: dict[str, Any]) -> None:
+        adapter = self.model.internalize(text, source=str(meta.get("source", "")))
+        adapter.metadata.id = adapter_id
+        adapter.metadata.user_metadata = dict(meta)
+        self.store.put(adapter, namespace=self.namespace, text=text)
+
+    def _consolidate_now(self, adapter_id: str, text: str, meta: dict[str, Any]) -> None:
+        adapter = self.model.consolidate(text, source=str(meta.get("source", "")), progress=False)
+        adapter.metadata.id = adapter_id
+        adapter.metadata.user_metadata = dict(meta)
+        self.store.put(adapter, namespace=self.namespace, text=text)
+
+    def _enqueue_consolidation(self, adapter_id: str, text: str, meta: dict[str, Any]) -> bool:
+        return self.store.enqueue(
+            "consolidate",
+            adapter_id,
+            text,
+            namespace=self.namespace,
+            content_hash=content_hash(text),
+            options={"source": str(meta.get("source", "")), "user_metadata": dict(meta)},
+            fingerprint=self.model.fingerprint,
+        )
+
+    def consolidating(self) -> list[str]:
+        """Ids of this namespace's documents whose consolidation is queued or running."""
+        return [job.id for job in self.store.pending(namespace=self.namespace, kind="consolidate")]
 
     def pending(self) -> list[str]:
         """Ids of this namespace's documents still waiting for their adapter, oldest first."""
@@ -203,7 +295,8 @@ class InternalizedCorpus:
             raise InvalidInputError(f"k must be a non-negative int, got {k!r}")
         check_text(query, "query")
         hits = []
-        for adapter_id, score in self.index.search(query, k):
+        ranked = self.index.search(query, k)
+        for adapter_id, score in ranked:
             try:
                 text = self.store.text(adapter_id, namespace=self.namespace) or ""
             except AdapterNotFoundError:  # deleted by another process since we indexed it
@@ -225,6 +318,14 @@ class InternalizedCorpus:
         return len(self.index)
 
 
+SERVE_PENDING = ("context", "instant")
+
+
+def served_label(adapter: Adapter) -> str:
+    """How an adapter serves its document: "consolidated" (learned by gradient steps) or "instant"."""
+    return "consolidated" if (adapter.metadata.model_extra or {}).get("consolidated") else "instant"
+
+
 @dataclass
 class Resolution:
     """What the references in one call's prompt resolved to.
@@ -232,9 +333,9 @@ class Resolution:
     ``messages`` are the prompt with every reference-shaped string removed; ``adapters`` are the
     verified ones to activate and ``adapter_references`` the reference each came from (same
     order, so ``adapter_references[i].namespace`` is where ``adapters[i]`` lives); ``served``
-    says per (namespace, adapter id) whether the adapter served it ("adapter") or, while its
-    adapter is still being made, its text was put in the prompt in the reference's place
-    ("context"); ``rejected`` counts forged, expired or foreign references.
+    says per (namespace, adapter id) how it was served: by its adapter ("consolidated", or
+    "instant" for a hypernetwork adapter not consolidated yet) or, while its adapter is being
+    made or consolidated, by its text put in the prompt in the reference's place ("context"); ``rejected`` counts forged, expired or foreign references.
 
     The same id may exist in two namespaces (ids are per namespace), so ``served`` is keyed by
     both. ``served_by`` is the flat, JSON-friendly view the chat model and LLM report: keyed by
@@ -275,9 +376,13 @@ class ReferenceResolver:
         namespaces: Sequence[str] | None = None,
         ttl: float | None = 3600.0,
         fallback_chars: int | None = 8000,
+        serve_pending: str = "context",
     ) -> None:
         if isinstance(namespaces, str):
             raise InvalidInputError("namespaces takes a list of namespaces, not one string")
+        if serve_pending not in SERVE_PENDING:
+            raise InvalidInputError(f"serve_pending must be one of {SERVE_PENDING}, got {serve_pending!r}")
+        self.serve_pending = serve_pending
         self.store = store
         self.namespaces = set(namespaces) if namespaces is not None else None
         self.signer = store_signer(store, ttl=ttl)
@@ -292,7 +397,18 @@ class ReferenceResolver:
         return top_passages(text, query, self.fallback_chars)
 
     def _load(self, ref: Reference, query: str) -> tuple[Adapter | None, str | None]:
-        """(adapter, None) when ready, (None, text) while queued, (None, None) when unknown."""
+        """(adapter, None) when ready, (None, text) while queued, (None, None) when unknown.
+
+        A document whose consolidation is pending has an instant adapter that does not yet carry
+        its content; with ``serve_pending="context"`` its text is served instead until the
+        consolidated adapter lands.
+        """
+        if self.serve_pending == "context":
+            job = self.store.job(ref.adapter_id, namespace=ref.namespace)
+            if job is not None and job.kind == "consolidate":
+                text = self._fallback_text(ref, query)
+                if text is not None:
+                    return None, text
         try:
             return self.store.get(ref.adapter_id, namespace=ref.namespace), None
         except AdapterNotFoundError:
@@ -333,7 +449,7 @@ class ReferenceResolver:
                 if adapter is not None:
                     adapters.append(adapter)
                     adapter_refs.append(ref)
-                    served[(ref.namespace, ref.adapter_id)] = "adapter"
+                    served[(ref.namespace, ref.adapter_id)] = served_label(adapter)
                 elif text is not None:
                     pieces.append(text)
                     served[(ref.namespace, ref.adapter_id)] = "context"

@@ -98,7 +98,9 @@ CREATE INDEX IF NOT EXISTS jobs_order ON jobs(state, priority, seq);
 _RESERVE_BYTES = 2**20  # see ``AdapterStore._ensure_reserve``
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 _SQLITE_WRITE_CODES = {8, 10, 13}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL (primary codes)
-JOB_KINDS = {"document": 0, "skill": 1}  # kind -> priority: skills wait until no document does
+# kind -> priority: skills wait until no document does; consolidation (tens of seconds per
+# document, while the instant adapter or the text serves it) runs when nothing else waits
+JOB_KINDS = {"document": 0, "skill": 1, "consolidate": 2}
 _READ_RETRIES = 5
 
 
@@ -715,7 +717,7 @@ class AdapterStore:
             ).fetchone()
             if row is None:
                 row = db.execute(
-                    "SELECT payload FROM jobs WHERE namespace = ? AND id = ? AND kind = 'document'",
+                    "SELECT payload FROM jobs WHERE namespace = ? AND id = ? AND kind IN ('document', 'consolidate')",
                     (namespace, adapter_id),
                 ).fetchone()
         if row is None:
@@ -795,8 +797,10 @@ class AdapterStore:
 
         A job parked as failed is queued again (adding the same document again retries it).
 
-        ``kind`` is "document" (``payload`` is the text to internalize) or "skill" (``payload`` is
-        the description). Documents are taken oldest first; skills only when no document waits.
+        ``kind`` is "document" (``payload`` is the text to internalize), "skill" (``payload`` is
+        the description) or "consolidate" (``payload`` is the text to learn into the adapter
+        ``adapter_id``, which may already hold the instant adapter: it is replaced on completion).
+        Documents are taken oldest first; skills only when no document waits; consolidations last.
         """
         if kind not in JOB_KINDS:
             raise InvalidInputError(f"job kind must be one of {sorted(JOB_KINDS)}, got {kind!r}")
@@ -808,7 +812,12 @@ class AdapterStore:
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"job options must be JSON-serialisable: {exc}") from None
         with self.write_lock(), self._transaction() as db:
-            if db.execute("SELECT 1 FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id)).fetchone():
+            row = db.execute(
+                "SELECT metadata FROM adapters WHERE namespace = ? AND id = ?", (namespace, adapter_id)
+            ).fetchone()
+            # A stored adapter makes a document or skill job moot; a consolidation job improves
+            # the stored (instant) adapter, unless that one is consolidated already.
+            if row is not None and (kind != "consolidate" or json.loads(row[0]).get("consolidated")):
                 return False
             retried = db.execute(  # adding a document again is how a user retries a failed one
                 "UPDATE jobs SET state = 'queued', error = NULL WHERE namespace = ? AND id = ? AND state = 'failed'",
@@ -872,7 +881,7 @@ class AdapterStore:
         """
         with self._db() as db:
             row = db.execute(
-                "SELECT payload FROM jobs WHERE namespace = ? AND id = ? AND kind = 'document'",
+                "SELECT payload FROM jobs WHERE namespace = ? AND id = ? AND kind IN ('document', 'consolidate')",
                 (namespace, adapter_id),
             ).fetchone()
         return row[0] if row else None
@@ -967,13 +976,18 @@ class AdapterStore:
             if not self._owns(job):
                 return False
             blob = self._write_blob(job.namespace, adapter)
+            old = None
             try:
                 with self._transaction() as db:
                     if db.execute("DELETE FROM jobs WHERE seq = ? AND owner = ?", (job.seq, job.owner)).rowcount != 1:
                         raise _Gone
+                    if job.kind == "consolidate":  # replaces the instant adapter, if there was one
+                        old = db.execute(
+                            "SELECT blob, id FROM adapters WHERE namespace = ? AND id = ?", (job.namespace, job.id)
+                        ).fetchone()
                     db.execute(
-                        "INSERT INTO adapters (namespace, id, kind, content_hash, created_at, nbytes, "
-                        "metadata, text, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT {'OR REPLACE ' if job.kind == 'consolidate' else ''}INTO adapters (namespace, id, "
+                        "kind, content_hash, created_at, nbytes, metadata, text, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         self._row(job.namespace, adapter, text, blob),
                     )
             except _Gone:
@@ -982,6 +996,8 @@ class AdapterStore:
             except BaseException:
                 (self._blob_dir(job.namespace) / blob).unlink(missing_ok=True)
                 raise
+            if old is not None:  # only after the commit: a kill before it leaves the old, whole blob
+                self._unlink_blob(job.namespace, old[0] or f"{old[1]}.safetensors")
         self._remember((job.namespace, adapter.id), blob, adapter)
         return True
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..errors import InvalidInputError
+from ..consolidation import ConsolidationConfig
+from ..errors import AdapterNotFoundError, InvalidInputError
 from .store import AdapterStore, Job
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class BackgroundWorker:
             adapter = self.model.internalize(job.payload, source=str(options.get("source", "")), progress=False)
             adapter.metadata.user_metadata = dict(options.get("user_metadata") or {})
             text: str | None = job.payload
+        elif job.kind == "consolidate":
+            adapter = self._consolidate(job)
+            text = job.payload
         elif job.kind == "skill":
             adapter = self.model.generate_skill(job.payload)
             adapter.metadata.kind = "skill"
@@ -137,6 +141,27 @@ class BackgroundWorker:
             raise InvalidInputError(f"unknown job kind {job.kind!r}")
         adapter.metadata.id = job.id
         return adapter, text
+
+    def _consolidate(self, job: Job) -> Adapter:
+        """Learn the document into its adapter, from the stored instant adapter when asked to."""
+        options: dict[str, Any] = job.options
+        start = None
+        if options.get("warm_start"):
+            try:
+                start = self.store.get(job.id, namespace=job.namespace)
+            except AdapterNotFoundError:  # no hypernetwork, or deleted meanwhile: start from zero
+                start = None
+        config = options.get("config")
+        adapter = self.model.consolidate(
+            job.payload,
+            start,
+            config=ConsolidationConfig.model_validate(config) if config else None,
+            seed=int(options.get("seed", 0)),
+            progress=False,
+            source=str(options.get("source", "")),
+        )
+        adapter.metadata.user_metadata = dict(options.get("user_metadata") or {})
+        return adapter
 
     def _ours(self) -> list[Job]:
         return [j for j in self.store.pending() if j.fingerprint in ("", self.model.fingerprint)]
@@ -151,7 +176,7 @@ class BackgroundWorker:
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
         seen = {j.seq for j in self._ours()}
-        with tqdm(desc="internalizing queue", unit="job", disable=not progress) as bar:
+        with tqdm(desc="background queue", unit="job", disable=not progress) as bar:
             while True:
                 worked = self.run_once()
                 done += worked

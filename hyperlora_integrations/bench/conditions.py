@@ -191,6 +191,7 @@ class DocumentState:
         self._index: ChunkIndex | None = None
         self._adapter: Adapter | None = None
         self._distilled: DistillResult | None = None
+        self._consolidated: Adapter | None = None
         self.kv_bytes = 0
 
     def prefix(self) -> Prefix:
@@ -240,6 +241,13 @@ class DocumentState:
             self.times["distill_targets"] = self._distilled.targets_s
             self.times["distill_train"] = self._distilled.train_s
         return self._distilled
+
+    def consolidated(self) -> Adapter:
+        if self._consolidated is None:
+            t0 = time.perf_counter()
+            self._consolidated = self.model.consolidate(self.doc.text, source=self.doc.doc_id, progress=False)
+            self.times["consolidate"] = time.perf_counter() - t0
+        return self._consolidated
 
     def release_prefix(self) -> None:
         self._prefix = None
@@ -352,6 +360,15 @@ def _q_distill(state, q):
     return _plain(state, q, adapters=(state.distilled().adapter,))
 
 
+def _prep_consolidated(state):
+    adapter = state.consolidated()
+    return _with_bytes(_parts(state, "consolidate"), adapter.nbytes)
+
+
+def _q_consolidated(state, q):
+    return _plain(state, q, adapters=(state.consolidated(),))
+
+
 CONDITIONS: dict[str, Condition] = {
     c.key: c
     for c in (
@@ -404,8 +421,17 @@ CONDITIONS: dict[str, Condition] = {
             _prep_distill,
             _q_distill,
         ),
+        Condition(
+            "consolidated",
+            8,
+            "Consolidated adapter",
+            "HyperLoRAModel.consolidate(): a rank-8 LoRA fitted to self-supervised targets from the document "
+            "alone (recite, continue, cloze); the prompt holds the question alone.",
+            _prep_consolidated,
+            _q_consolidated,
+        ),
     )
 }
 # Condition 3 first (its prefill is the forward-pass reference and 7's teacher), 7 right after
 # it so the document's KV cache can be released before the remaining conditions run.
-RUN_ORDER = ("stuff_kv", "distill", "stuff", "none", "rag", "d2l", "d2l_rag")
+RUN_ORDER = ("stuff_kv", "distill", "stuff", "none", "rag", "d2l", "d2l_rag", "consolidated")

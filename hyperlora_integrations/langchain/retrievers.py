@@ -37,6 +37,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator  # noqa: E4
 
 from .._arguments import unexpected  # noqa: E402
 from ..adapters import InternalizedCorpus  # noqa: E402
+from ..adapters.corpus import relative_cutoff  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
 
@@ -112,6 +113,9 @@ class HyperLoRARetriever(BaseRetriever):
     """Only documents scoring above this are returned (``None``: the top k whatever they score).
     The default drops documents that share no term with the query: activating an unrelated
     adapter changes the answer for nothing, unlike an unrelated passage in a stuffed prompt."""
+    relative_score_cutoff: float | None = 0.5
+    """Drop documents scoring below this fraction of the best one (``None``: keep the top k).
+    Unrelated adapters hurt more than unrelated passages do; see ``adapters.corpus.relative_cutoff``."""
     reference_ttl: float | None = 3600.0
     """Lifetime of issued references; the chat model's ``reference_ttl`` decides acceptance."""
     search_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -278,14 +282,10 @@ class HyperLoRARetriever(BaseRetriever):
         # With a filter, rank everything and keep the top k that match: filtering the top k
         # would return fewer documents than exist (and never another tenant's).
         hits = self._corpus.search(query, k if where is None else max(k, len(self._corpus)))
+        hits = [h for h in hits if self.min_score is None or h.score > self.min_score]
+        hits = relative_cutoff([h for h in hits if self._matches(h.metadata, where)][:k], self.relative_score_cutoff)
         docs = []
         for hit in hits:
-            if len(docs) >= k:
-                break
-            if self.min_score is not None and hit.score <= self.min_score:
-                continue
-            if not self._matches(hit.metadata, where):
-                continue
             content = hit.reference if self.mode == "reference" else f"{hit.reference}\n{hit.excerpt}"
             metadata = {
                 **hit.metadata,

@@ -57,6 +57,22 @@ def check_vector_index_kwargs(owner: str, kwargs: dict[str, Any], ignored: Seque
         raise unexpected(owner, unknown, ["model", "store", "namespace", "transformations", *ignored])
 
 
+def _check_signature(owner: str, function: Any, kwargs: dict[str, Any], also: Any = ()) -> None:
+    """Refuse keywords ``function`` would swallow into its ``**kwargs`` and ignore.
+
+    LlamaIndex's ``from_args``/``from_defaults`` accept any keyword and drop the unknown ones,
+    so ``as_query_engine(simlarity_top_k=2)`` would silently retrieve the default number.
+    """
+    import inspect
+
+    params = inspect.signature(function).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    unknown = [key for key in kwargs if key not in named]
+    if unknown:
+        retriever = ["similarity_top_k", "filters", "doc_ids", "node_ids", "min_score"]
+        raise unexpected(owner, unknown, [*named, *retriever, *also])
+
+
 def _default_model(model: Any) -> HyperLoRAModel:
     """``model=`` as given, else the model of ``Settings.llm`` when that is a ``HyperLoRALLM``."""
     if model is None:
@@ -184,14 +200,18 @@ class InternalizedIndex:
             metadatas.append(meta)
         return self.corpus.add_texts(texts, metadatas)
 
-    def insert(self, document: Document, **_: Any) -> list[str]:
+    def insert(self, document: Document, **insert_kwargs: Any) -> list[str]:
         """Internalize one more document; returns the ids of the adapters that hold it."""
+        if insert_kwargs:
+            raise unexpected("InternalizedIndex.insert", insert_kwargs, ["document"])
         if not isinstance(document, BaseNode):
             raise InvalidInputError(f"expected a LlamaIndex Document, got {type(document).__name__}")
         return self._add([document])
 
-    def insert_nodes(self, nodes: Sequence[BaseNode], **_: Any) -> list[str]:
+    def insert_nodes(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> list[str]:
         """Internalize already-split nodes as they are (no transformations applied)."""
+        if insert_kwargs:
+            raise unexpected("InternalizedIndex.insert_nodes", insert_kwargs, ["nodes"])
         if isinstance(nodes, BaseNode):
             raise InvalidInputError("pass a list of nodes, not one node")
         saved, self.transformations = self.transformations, []
@@ -261,6 +281,7 @@ class InternalizedIndex:
         doc_ids: Sequence[str] | None = None,
         node_ids: Sequence[str] | None = None,
         min_score: float | None = 0.0,
+        relative_score_cutoff: float | None = 0.5,
         **kwargs: Any,
     ) -> HyperLoRARetriever:
         """A retriever over this index, taking ``VectorIndexRetriever``'s arguments.
@@ -277,11 +298,20 @@ class InternalizedIndex:
             doc_ids=doc_ids,
             node_ids=node_ids,
             min_score=min_score,
+            relative_score_cutoff=relative_score_cutoff,
             callback_manager=self.callback_manager,
         )
 
     def _split_retriever_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        keys = {"similarity_top_k", "filters", "doc_ids", "node_ids", "min_score", *_RETRIEVER_IGNORED}
+        keys = {
+            "similarity_top_k",
+            "filters",
+            "doc_ids",
+            "node_ids",
+            "min_score",
+            "relative_score_cutoff",
+            *_RETRIEVER_IGNORED,
+        }
         retriever = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
         return retriever, kwargs
 
@@ -303,6 +333,15 @@ class InternalizedIndex:
         mode = str(getattr(chat_mode, "value", chat_mode))
         llm = self._resolve_llm(llm)
         retriever_kwargs, kwargs = self._split_retriever_kwargs(dict(kwargs))
+        engines = {
+            "best": CondensePlusContextChatEngine,
+            "condense_plus_context": CondensePlusContextChatEngine,
+            "context": ContextChatEngine,
+            "condense_question": CondenseQuestionChatEngine,
+            "simple": SimpleChatEngine,
+        }
+        if mode in engines:
+            _check_signature("InternalizedIndex.as_chat_engine", engines[mode].from_defaults, kwargs, retriever_kwargs)
         if mode in ("best", "condense_plus_context"):
             return CondensePlusContextChatEngine.from_defaults(
                 retriever=self.as_retriever(**retriever_kwargs), llm=llm, **kwargs
@@ -362,5 +401,6 @@ class InternalizedIndex:
         from llama_index.core.query_engine import RetrieverQueryEngine
 
         retriever_kwargs, kwargs = self._split_retriever_kwargs(dict(kwargs))
+        _check_signature("InternalizedIndex.as_query_engine", RetrieverQueryEngine.from_args, kwargs, retriever_kwargs)
         retriever = self.as_retriever(**retriever_kwargs)
         return RetrieverQueryEngine.from_args(retriever, llm=self._resolve_llm(llm), **kwargs)

@@ -30,6 +30,7 @@ from llama_index.core.vector_stores.simple import build_metadata_filter_fn  # no
 from llama_index.core.vector_stores.types import MetadataFilters  # noqa: E402
 
 from ..adapters import Hit, InternalizedCorpus  # noqa: E402
+from ..adapters.corpus import relative_cutoff  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 
 # Metadata keys we add to every node. They are bookkeeping (and the excerpt *is* document text),
@@ -87,6 +88,7 @@ class HyperLoRARetriever(BaseRetriever):
         doc_ids: Sequence[str] | None = None,
         node_ids: Sequence[str] | None = None,
         min_score: float | None = 0.0,
+        relative_score_cutoff: float | None = 0.5,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,
     ) -> None:
@@ -105,6 +107,8 @@ class HyperLoRARetriever(BaseRetriever):
         self.doc_ids = set(doc_ids) if doc_ids is not None else None
         self.node_ids = set(node_ids) if node_ids is not None else None
         self.min_score = min_score
+        relative_cutoff([], relative_score_cutoff)  # validates the value
+        self.relative_score_cutoff = relative_score_cutoff
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     def _keeps(self, hit: Hit) -> bool:
@@ -123,4 +127,5 @@ class HyperLoRARetriever(BaseRetriever):
         narrowed = self.filters is not None or self.doc_ids is not None or self.node_ids is not None
         # Filter before taking the top k: filtering the top k would drop matching documents.
         hits = self.corpus.search(query_bundle.query_str, max(k, len(self.corpus)) if narrowed else k)
-        return [hit_to_node(hit) for hit in hits if self._keeps(hit)][:k]
+        kept = relative_cutoff([hit for hit in hits if self._keeps(hit)][:k], self.relative_score_cutoff)
+        return [hit_to_node(hit) for hit in kept]

@@ -1,0 +1,135 @@
+"""``consolidate``: learn a document into a LoRA adapter by gradient steps ("sleep mode").
+
+The one-pass hypernetwork gives an adapter at once, but (measured, docs/doc-to-lora.md) it does
+not yet carry what the document says. A few dozen Adam steps on self-supervised targets from the
+document alone do. Long documents are consolidated chunk by chunk (memory stays bounded) and the
+chunk adapters are rank-concatenated, then cut to the byte budget with a truncated SVD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from ..chat import check_text, encode_text
+from ..errors import DocumentTooLargeError, EmptyDocumentError, InvalidInputError
+from ..lora import Adapter, AdapterMetadata, compress, concat, content_hash
+from .config import ConsolidationConfig
+from .targets import Example, build_examples, schedule
+from .trainer import fit
+
+if TYPE_CHECKING:
+    from ..model import HyperLoRAModel
+
+MAX_DOCUMENT_TOKENS = 262_144
+
+
+def tokenize_examples(model: HyperLoRAModel, examples: list[Example], max_tokens: int) -> list[tuple[list, list]]:
+    """Chat-encode each example; the target ends with EOS so the adapter also learns to stop."""
+    eos = model.tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        prompt = model.encode([{"role": "user", "content": ex.prompt}])
+        target = encode_text(model.tokenizer, ex.target) + ([eos] if eos is not None else [])
+        room = max_tokens - len(prompt)
+        if room < 2:
+            prompt, room = prompt[-(max_tokens // 2) :], max_tokens - max_tokens // 2
+        out.append((prompt, target[:room]))
+    return out
+
+
+def _chunks(model: HyperLoRAModel, text: str, chunk_tokens: int) -> tuple[list[str], int]:
+    n_tokens = len(encode_text(model.tokenizer, text))
+    if n_tokens > MAX_DOCUMENT_TOKENS:
+        raise DocumentTooLargeError(f"document of {n_tokens} tokens is over {MAX_DOCUMENT_TOKENS}; split it first")
+    if n_tokens <= chunk_tokens:
+        return [text], n_tokens
+    from .targets import segments
+
+    chars_per_token = len(text) / max(1, n_tokens)
+    return segments(text, int(chunk_tokens * chars_per_token)), n_tokens
+
+
+def consolidate(
+    model: HyperLoRAModel,
+    text: str,
+    adapter: Adapter | None = None,
+    *,
+    config: ConsolidationConfig | None = None,
+    steps: int | None = None,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    source: str = "",
+    on_step: Callable[[int, float], None] | None = None,
+) -> Adapter:
+    """Train an adapter that carries ``text``, from ``adapter`` (e.g. the instant one) or zero.
+
+    Works for any base model, with or without a trained hypernetwork. ``steps`` overrides the
+    config's steps per chunk; ``time_budget_s`` caps the whole run (split over chunks). The
+    result's metadata has ``consolidated=True`` and a ``consolidation`` summary (steps, loss
+    curve, seconds). A document longer than one chunk starts every chunk from zero: the instant
+    adapter of a long document is a rank-concatenation over chunks that do not line up with ours.
+    """
+    check_text(text, "document")
+    if not text.strip():
+        raise EmptyDocumentError("the document is empty or whitespace only")
+    config = config or ConsolidationConfig()
+    if steps is not None:
+        config = config.model_copy(update={"steps": steps})
+        ConsolidationConfig.model_validate(config.model_dump())
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise InvalidInputError(f"time_budget_s must be positive, got {time_budget_s}")
+    if adapter is not None:
+        adapter = model._checked([adapter])[0]
+    chunks, n_tokens = _chunks(model, text, config.chunk_tokens)
+    weights = {"recite": config.recite, "continuation": config.continuation, "fact": config.fact}
+    weights["cloze"] = config.cloze
+    show = progress if progress is not None else False
+    parts, summaries = [], []
+    with tqdm(total=config.steps * len(chunks), desc="consolidating", unit="step", disable=not show) as bar:
+
+        def step_done(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(step, loss)
+
+        for i, chunk in enumerate(chunks):
+            examples = build_examples(chunk)
+            drawn = schedule(examples, weights, config.steps * config.batch_size, seed + i)
+            seqs = tokenize_examples(model, drawn, config.max_seq_tokens)
+            budget = None if time_budget_s is None else time_budget_s / len(chunks)
+            init = adapter if (adapter is not None and len(chunks) == 1) else None
+            result = fit(model, seqs, config, init=init, seed=seed + i, time_budget_s=budget, progress=step_done)
+            parts.append(Adapter(result.A, result.B))
+            summaries.append(result)
+    combined = concat(parts) if len(parts) > 1 else parts[0]
+    if combined.nbytes > config.max_bytes:
+        per_rank = combined.nbytes / combined.rank
+        combined = compress(combined, max(1, int(config.max_bytes // per_rank)))
+    losses = [r.losses for r in summaries]
+    meta = AdapterMetadata(
+        kind="document",
+        source=source,
+        description=" ".join(text[:200].split()),
+        base_model=model.name,
+        base_fingerprint=model.fingerprint,
+        content_hash=content_hash(text),
+        num_tokens=n_tokens,
+        num_chunks=len(chunks),
+        consolidated=True,
+        consolidation={
+            "steps": sum(r.steps for r in summaries),
+            "seconds": round(sum(r.seconds for r in summaries), 3),
+            "loss_first": round(sum(curve[0] for curve in losses) / len(losses), 4),
+            "loss_last": round(sum(sum(curve[-5:]) / len(curve[-5:]) for curve in losses) / len(losses), 4),
+            "stopped": "time_budget" if any(r.stopped == "time_budget" for r in summaries) else "steps",
+            "init": "instant" if adapter is not None and len(chunks) == 1 else "zero",
+            "seed": seed,
+            "config": config.model_dump(mode="json"),
+        },
+    )
+    return Adapter(combined.A, combined.B, scaling=combined.scaling, metadata=meta)

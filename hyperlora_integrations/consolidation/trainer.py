@@ -1,0 +1,146 @@
+"""The consolidation training loop: fit a LoRA adapter to (prompt, target) token sequences.
+
+Read top to bottom: shapes, initialisation, the step (padded batch -> masked cross-entropy ->
+Adam), the stopping rule, the result. The base model stays frozen and shared: the adapter is
+applied through the injector's per-call scope, so other threads keep serving requests with
+their own adapters while this runs in the background.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import InvalidInputError
+from ..lora import Adapter
+from .config import ConsolidationConfig
+
+if TYPE_CHECKING:
+    from ..model import HyperLoRAModel
+
+Sequences = Sequence[tuple[list[int], list[int]]]  # (prompt ids, target ids)
+
+
+@dataclass
+class FitResult:
+    """The fitted A/B (scaling folded into B) and how the fit went."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"  # "steps" | "time_budget"
+
+
+def _init(
+    model: HyperLoRAModel, config: ConsolidationConfig, init: Adapter | None, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Full-depth A/B in fp32 and the first trained layer.
+
+    From ``init`` (e.g. the instant hypernetwork adapter, scaling folded into B) or the usual LoRA
+    start: A small and random, B zero, so step 0 is the bare model.
+    """
+    L = model.injector.num_layers
+    first = L - (config.layers or L)
+    A, B = {}, {}
+    if init is not None:
+        fa, fb = init.folded()
+        for name in config.target_modules:
+            if name not in fa:
+                raise InvalidInputError(f"the starting adapter has no {name!r}; it targets {sorted(fa)}")
+            A[name], B[name] = fa[name].detach().float().clone(), fb[name].detach().float().clone()
+        return A, B, first
+    for name in config.target_modules:
+        if name not in model.injector.shapes:
+            raise InvalidInputError(
+                f"target module {name!r} is not in this model; it has {sorted(model.injector.shapes)}"
+            )
+        d_in, d_out = model.injector.shapes[name]
+        bound = 1.0 / math.sqrt(d_in)
+        A[name] = (torch.rand(L, config.rank, d_in, generator=generator) * 2 - 1) * bound
+        B[name] = torch.zeros(L, d_out, config.rank)
+    return A, B, first
+
+
+def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Right-padded ids, labels (-100 outside targets) and the first position whose logits matter.
+
+    Right padding needs no attention mask in a causal model: real tokens never attend to the pads
+    after them.
+    """
+    width = max(len(p) + len(t) for p, t in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for row, (prompt, target) in enumerate(seqs):
+        ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    first = min(len(p) for p, _ in seqs) - 1  # logits at position i predict token i + 1
+    return ids.to(device), labels.to(device), first
+
+
+def fit(
+    model: HyperLoRAModel,
+    sequences: Sequences,
+    config: ConsolidationConfig,
+    *,
+    init: Adapter | None = None,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train A/B so the model, with them active, predicts each target after its prompt.
+
+    ``sequences`` are drawn ``batch_size`` at a time in the given order, cycling: the caller's
+    schedule decides the mix. Deterministic for a seed (same threads, same machine).
+    """
+    if not sequences:
+        raise InvalidInputError("nothing to consolidate: no training sequences")
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    A_full, B_full, first = _init(model, config, init, generator)
+    device = model.base.device
+    # Only the top layers train; below them the starting weights stay as they are (frozen).
+    A_train = {k: v[first:].clone().to(device).requires_grad_(True) for k, v in A_full.items()}
+    B_train = {k: v[first:].clone().to(device).requires_grad_(True) for k, v in B_full.items()}
+    A_low = {k: v[:first].to(device) for k, v in A_full.items()}
+    B_low = {k: v[:first].to(device) for k, v in B_full.items()}
+    params = [*A_train.values(), *B_train.values()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    scaling = config.scaling if init is None else 1.0  # an init adapter's scaling is folded already
+    result = FitResult(A={}, B={})
+    n = len(sequences)
+    for step in range(config.steps):
+        rows = [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
+        ids, labels, keep_from = _batch(rows, pad_id, device)
+        A = {k: torch.cat([A_low[k], A_train[k]]) for k in A_train}
+        B = {k: torch.cat([B_low[k], B_train[k]]) * scaling for k in B_train}
+        with torch.enable_grad(), model.injector.activate_weights(A, B):
+            # Logits only where targets are: the vocabulary projection is a fifth of the model.
+            keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
+            logits = model.model(input_ids=ids, logits_to_keep=keep).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels[:, keep_from + 1 :].reshape(-1)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        result.losses.append(loss.item())
+        result.steps = step + 1
+        if progress is not None:
+            progress(step + 1, float(loss))
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            result.stopped = "time_budget"
+            break
+    with torch.no_grad():
+        result.A = {k: torch.cat([A_low[k], A_train[k].detach()]).cpu() for k in A_train}
+        result.B = {k: (torch.cat([B_low[k], B_train[k].detach()]) * scaling).cpu() for k in B_train}
+    result.seconds = time.perf_counter() - start
+    return result

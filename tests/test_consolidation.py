@@ -1,0 +1,136 @@
+"""Consolidation on the tiny model: the loss falls, runs are deterministic, the starting adapter
+and layer limit are honoured, bad input is refused, and in a store the served_by label moves
+context -> consolidated (or instant -> consolidated) as the background job completes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperlora_integrations.adapters import InternalizedCorpus, ReferenceResolver
+from hyperlora_integrations.consolidation import ConsolidationConfig, build_examples, schedule, sentences
+from hyperlora_integrations.errors import EmptyDocumentError, InvalidInputError
+
+DOC = (
+    "The Varnholt Observatory was founded in 1873 by Orvella Quenby in the town of Haskmere. "
+    "Its first telescope, named Bright Ember, cost 347 guilders. In 1901 the observatory moved to Pellow Hill. "
+    "Dr. Anton Briese discovered the comet Kessa-7 there in 1922."
+)
+OTHER = "Captain Mirelle Oduya commanded the research vessel Halcyon Drift during the 2031 survey of the Tarn Shelf."
+FAST = ConsolidationConfig(steps=12, batch_size=2, max_seq_tokens=96, lr=2e-2)
+
+
+def test_targets_come_from_the_text_alone():
+    ex = build_examples(DOC)
+    assert [s for s in sentences(DOC)][-1].startswith("Dr. Anton Briese")  # no split after "Dr."
+    cloze = {e.target for e in ex["cloze"]}
+    assert {"1873", "Orvella Quenby", "347", "Pellow Hill", "Kessa-7"} <= cloze
+    for kind in ex.values():
+        for e in kind:
+            assert e.target in DOC or e.target == " ".join(DOC.split())
+    drawn = schedule(ex, {"recite": 1, "continuation": 1, "fact": 0, "cloze": 1}, 40, seed=3)
+    assert len(drawn) == 40 and not any(e.kind == "fact" for e in drawn)
+    assert drawn == schedule(ex, {"recite": 1, "continuation": 1, "fact": 0, "cloze": 1}, 40, seed=3)
+
+
+def test_loss_decreases_and_result_is_deterministic(fresh_tiny_model):
+    model = fresh_tiny_model
+    a = model.consolidate(DOC, config=FAST, seed=1)
+    b = model.consolidate(DOC, config=FAST, seed=1)
+    meta = a.metadata.model_extra
+    assert meta["consolidated"] is True and meta["consolidation"]["steps"] == 12
+    assert meta["consolidation"]["loss_last"] < meta["consolidation"]["loss_first"]
+    assert a.metadata.kind == "document" and a.rank == 8 and a.target_modules == ("down_proj",)
+    for name in a.A:
+        assert torch.equal(a.A[name], b.A[name]) and torch.equal(a.B[name], b.B[name])
+    c = model.consolidate(DOC, config=FAST, seed=2)
+    assert not torch.equal(a.A["down_proj"], c.A["down_proj"])
+    # The adapter makes the document's own text more likely than before consolidation.
+    q = "Tell me what the document says."
+    assert model.score(q, DOC, [a]) < model.score(q, DOC)
+
+
+def test_layer_limit_and_warm_start(fresh_tiny_model):
+    model = fresh_tiny_model
+    top = model.consolidate(DOC, config=FAST.model_copy(update={"layers": 1}))
+    assert torch.count_nonzero(top.B["down_proj"][0]) == 0  # the lower layer never trained
+    assert torch.count_nonzero(top.B["down_proj"][1]) > 0
+    instant = model.internalize(DOC)
+    warm = model.consolidate(DOC, instant, config=FAST)
+    assert warm.metadata.model_extra["consolidation"]["init"] == "instant"
+    assert warm.rank == instant.rank
+    assert not torch.equal(warm.folded()[1]["down_proj"], instant.folded()[1]["down_proj"])
+
+
+def test_bad_input_is_refused(tiny_model):
+    with pytest.raises(EmptyDocumentError):
+        tiny_model.consolidate("   \n ")
+    with pytest.raises(InvalidInputError):
+        tiny_model.consolidate(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        tiny_model.consolidate(DOC, time_budget_s=0)
+    with pytest.raises(ValueError):
+        ConsolidationConfig(steps=0)
+    with pytest.raises(ValueError):
+        ConsolidationConfig(stepz=3)  # misspelt field: never silently ignored
+    with pytest.raises(InvalidInputError, match="target module"):
+        tiny_model.consolidate(DOC, config=FAST.model_copy(update={"target_modules": ("nope",)}))
+
+
+def test_time_budget_and_long_documents_in_chunks_within_byte_budget(fresh_tiny_model):
+    model = fresh_tiny_model
+    stopped = model.consolidate(DOC, config=FAST.model_copy(update={"steps": 500}), time_budget_s=0.5)
+    info = stopped.metadata.model_extra["consolidation"]
+    assert info["stopped"] == "time_budget" and info["steps"] < 500
+    long_doc = " ".join([DOC, OTHER] * 6)
+    one_rank_bytes = model.consolidate(DOC, config=FAST).nbytes // 8
+    config = FAST.model_copy(update={"chunk_tokens": 64, "steps": 2, "max_bytes": 12 * one_rank_bytes})
+    adapter = model.consolidate(long_doc, config=config)
+    assert adapter.metadata.model_extra["num_chunks"] > 1
+    assert adapter.nbytes <= config.max_bytes and adapter.rank == 12
+
+
+def test_background_consolidation_served_by_transitions(fresh_tiny_model, store):
+    model = fresh_tiny_model
+    corpus = InternalizedCorpus(model, store, namespace="docs")
+    [doc_id] = corpus.add_texts([DOC], consolidate="background")
+    assert corpus.consolidating() == [doc_id]
+    instant = store.get(doc_id, namespace="docs")
+    assert not instant.metadata.model_extra.get("consolidated")
+    ref = corpus.search("Who founded the Varnholt Observatory?", k=1)[0].reference
+    message = [{"role": "user", "content": f"{ref} Who founded the observatory?"}]
+    by_context = ReferenceResolver(store, namespaces=["docs"]).resolve(message)
+    assert by_context.served_by == {doc_id: "context"} and DOC in by_context.messages[0]["content"]
+    by_instant = ReferenceResolver(store, namespaces=["docs"], serve_pending="instant").resolve(message)
+    assert by_instant.served_by == {doc_id: "instant"} and DOC not in by_instant.messages[0]["content"]
+    with pytest.raises(InvalidInputError):
+        ReferenceResolver(store, serve_pending="sometimes")
+
+    corpus.drain(timeout=300)
+    assert corpus.consolidating() == []
+    stored = store.get(doc_id, namespace="docs")
+    assert stored.metadata.model_extra["consolidated"] is True
+    assert store.text(doc_id, namespace="docs") == DOC
+    after = ReferenceResolver(store, namespaces=["docs"]).resolve(message)
+    assert after.served_by == {doc_id: "consolidated"} and DOC not in after.messages[0]["content"]
+    assert store.verify() == []
+    # Adding it again does not consolidate twice.
+    assert corpus.add_texts([DOC], consolidate="background") == [doc_id]
+    assert corpus.consolidating() == []
+
+
+def test_consolidate_now_and_models_without_hypernetwork(fresh_tiny_model, store):
+    model = fresh_tiny_model
+    model.d2l = None  # any HF model without a trained hypernetwork
+    corpus = InternalizedCorpus(model, store, namespace="plain")
+    with pytest.raises(Exception, match="consolidate="):
+        corpus.add_texts([DOC])
+    [now_id] = corpus.add_texts([DOC], consolidate="now")
+    assert store.get(now_id, namespace="plain").metadata.model_extra["consolidated"] is True
+    [bg_id] = corpus.add_texts([OTHER], consolidate="background")
+    assert not store.contains(bg_id, namespace="plain")  # no instant adapter: text serves until done
+    ref = corpus.search("Halcyon Drift captain", k=1)[0].reference
+    res = ReferenceResolver(store, namespaces=["plain"], serve_pending="instant").resolve_text(ref + " Who?")
+    assert res.served_by == {bg_id: "context"}
+    with pytest.raises(InvalidInputError):
+        corpus.add_texts([DOC], consolidate="later")
