@@ -96,6 +96,7 @@ class HyperLoRAModel:
         self.d2l = d2l
         self.t2l = t2l
         self._default_store = None
+        self.consolidation_config = None  # a ConsolidationConfig; None: the measured default recipe
         if d2l is not None:
             d2l.check_base(self)
         if t2l is not None:
@@ -296,7 +297,8 @@ class HyperLoRAModel:
 
         Slower than ``internalize`` (tens of seconds instead of one pass) but the result carries
         the document; works without any hypernetwork. ``adapter`` (e.g. ``internalize``'s) is the
-        starting point; ``config`` is a ``ConsolidationConfig``. See ``consolidation.engine``.
+        starting point; ``config`` is a ``ConsolidationConfig`` (default: this model's
+        ``consolidation_config``, else the measured recipe). See ``consolidation.engine``.
         """
         from .consolidation import consolidate
 
@@ -304,7 +306,7 @@ class HyperLoRAModel:
             self,
             text,
             adapter,
-            config=config,
+            config=config if config is not None else self.consolidation_config,
             steps=steps,
             time_budget_s=time_budget_s,
             seed=seed,

@@ -57,4 +57,9 @@ def tiny_hyperlora_model(seed: int = 0, *, chunk_len: int = 64):
                 head.b_scale.fill_(0.5)
         net.eval().requires_grad_(False)
     model.d2l, model.t2l = d2l, t2l
+    # Background consolidation runs whenever a retriever adds documents; on this model its
+    # numbers are meaningless, so keep it to a few short steps (the code path stays the same).
+    from .consolidation import ConsolidationConfig
+
+    model.consolidation_config = ConsolidationConfig(steps=4, batch_size=2, max_seq_tokens=64, lr=2e-2)
     return model

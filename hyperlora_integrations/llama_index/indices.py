@@ -10,6 +10,7 @@ is LlamaIndex's own ``RetrieverQueryEngine`` with its default response synthesiz
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from llama_index.core.vector_stores.types import MetadataFilters  # noqa: E402
 
 from .._arguments import unexpected  # noqa: E402
 from ..adapters import AdapterStore, InternalizedCorpus  # noqa: E402
+from ..adapters.corpus import _consolidate_mode  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
 from .llms import HyperLoRALLM  # noqa: E402
@@ -124,9 +126,12 @@ class InternalizedIndex:
         *,
         transformations: Sequence[TransformComponent] | None = None,
         callback_manager: CallbackManager | None = None,
+        consolidate: str | bool = "background",
     ) -> None:
         if not isinstance(corpus, InternalizedCorpus):
             raise InvalidInputError(f"corpus must be an InternalizedCorpus, got {type(corpus).__name__}")
+        _consolidate_mode(consolidate)  # validates
+        self.consolidate = consolidate
         self.corpus = corpus
         self.transformations = list(transformations) if transformations else []
         self.callback_manager = callback_manager
@@ -142,10 +147,17 @@ class InternalizedIndex:
         *,
         model: HyperLoRAModel | None = None,
         store: AdapterStore | None = None,
-        namespace: str = "default",
+        namespace: str | None = None,
+        consolidate: str | bool = "background",
         **kwargs: Any,
     ) -> InternalizedIndex:
-        """Internalize ``documents`` into ``store`` (a private temporary store if None).
+        """Internalize ``documents`` into ``store`` (the model's shared private store if None).
+
+        ``consolidate`` learns each document into its adapter by gradient steps: ``"background"``
+        (default: the instant adapter now, consolidation queued; the LLM serves the text until
+        then), ``"now"`` (blocks until consolidated, with ``show_progress``), ``False`` (instant
+        adapter only). Without ``store``, indexes share the model's private store (so a
+        ``HyperLoRALLM`` on the same model honours their references) in a namespace of their own.
 
         An existing store namespace is reopened with what it already holds, so a persistent
         store survives restarts without internalizing anything twice. ``model`` defaults to the
@@ -154,8 +166,12 @@ class InternalizedIndex:
         ...) are accepted and ignored, so only the class name changes; unknown ones raise.
         """
         check_vector_index_kwargs("InternalizedIndex.from_documents", kwargs, _INDEX_IGNORED)
-        corpus = InternalizedCorpus(_default_model(model), store, namespace=namespace)
-        index = cls(corpus, transformations=transformations, callback_manager=callback_manager)
+        hm = _default_model(model)
+        if store is None:
+            store = hm.default_store
+            namespace = namespace or f"index-{secrets.token_hex(4)}"
+        corpus = InternalizedCorpus(hm, store, namespace=namespace or "default")
+        index = cls(corpus, transformations=transformations, callback_manager=callback_manager, consolidate=consolidate)
         index._add(documents, show_progress=show_progress)
         return index
 
@@ -198,7 +214,9 @@ class InternalizedIndex:
             meta[REF_DOC_ID_KEY] = ref_doc_id
             meta[DOC_HASH_KEY] = hashes.get(ref_doc_id, node.hash)  # what refresh_ref_docs compares
             metadatas.append(meta)
-        return self.corpus.add_texts(texts, metadatas)
+        return self.corpus.add_texts(
+            texts, metadatas, consolidate=self.consolidate, progress=show_progress and self.consolidate == "now"
+        )
 
     def insert(self, document: Document, **insert_kwargs: Any) -> list[str]:
         """Internalize one more document; returns the ids of the adapters that hold it."""

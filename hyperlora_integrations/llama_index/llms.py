@@ -19,7 +19,7 @@ import asyncio
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .._optional import require
 
@@ -149,6 +149,11 @@ class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
     reference_ttl: float | None = Field(
         default=3600.0, description="References older than this many seconds are rejected; None never expires."
     )
+    serve_pending: Literal["context", "instant"] = Field(
+        default="context",
+        description="A referenced document whose consolidation is pending is served by its text in the prompt "
+        "('context') or by its instant hypernetwork adapter ('instant').",
+    )
     generate_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Further generation arguments for every call (as HuggingFaceLLM's generate_kwargs); "
@@ -217,9 +222,16 @@ class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
             model_name=self.model_name,
         )
 
+    def _effective_store(self) -> AdapterStore | None:
+        """The configured store, else the model's shared private store once an index made one."""
+        if self._store is not None:
+            return self._store
+        return self._model.default_store if self._model.has_default_store else None
+
     def accepts_references_from(self, store: AdapterStore, namespace: str) -> bool:
         """Whether references issued for ``namespace`` of ``store`` would be activated here."""
-        if self._store is None or self._store.path.resolve() != store.path.resolve():
+        mine = self._effective_store()
+        if mine is None or mine.path.resolve() != store.path.resolve():
             return False
         return self.namespaces is None or namespace in self.namespaces
 
@@ -236,9 +248,12 @@ class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
         # Without a store nothing can verify, but references must still be stripped from the
         # prompt: an empty private store gives a resolver that rejects every one of them.
         with self._resolver_lock:
-            if self._resolver is None:
-                store = self._store if self._store is not None else AdapterStore()
-                self._resolver = ReferenceResolver(store, namespaces=self.namespaces, ttl=self.reference_ttl)
+            effective = self._effective_store()
+            if self._resolver is None or (self._store is None and effective is not self._resolver.store):
+                store = effective if effective is not None else AdapterStore()
+                self._resolver = ReferenceResolver(
+                    store, namespaces=self.namespaces, ttl=self.reference_ttl, serve_pending=self.serve_pending
+                )
             return self._resolver
 
     def _prepare(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
