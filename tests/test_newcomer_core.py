@@ -126,3 +126,10 @@ def test_cli_export_checks_its_input_before_loading_a_model(tmp_path, content):
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("hyperlora export: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- item 8
+def test_generate_accepts_one_adapter(tiny_model):
+    adapter = random_adapter(tiny_model)
+    one = tiny_model.generate("Hello", adapters=adapter, max_new_tokens=3)
+    assert one == tiny_model.generate("Hello", adapters=[adapter], max_new_tokens=3)

@@ -175,3 +175,14 @@ def test_skill_tool_has_the_langchain_options(tiny_model, llm):
         skill_tool(llm, "x", "Translate.", skill="frenchh", library=library)
     with pytest.raises(TypeError, match="did you mean 'max_new_tokens'"):
         skill_tool(llm, "y", "Translate English text into French.", max_new_tokes=3)
+
+
+def test_engine_arguments_llamaindex_would_drop_raise(index, llm):
+    bound = llm.with_store(index.store, [index.namespace])
+    with pytest.raises(TypeError, match="did you mean 'similarity_top_k'"):
+        index.as_query_engine(llm=bound, simlarity_top_k=2)
+    with pytest.raises(TypeError, match="'bogus'"):
+        index.as_chat_engine(chat_mode="context", llm=bound, bogus=1)
+    assert index.as_query_engine(llm=bound, response_mode="compact", similarity_top_k=1) is not None
+    with pytest.raises(TypeError, match="'foo'"):
+        index.insert(Document(text="One more."), foo=1)
