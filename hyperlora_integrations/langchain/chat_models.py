@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import json
 import logging
 import threading
@@ -49,7 +48,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator  # noqa: E402
 
-from .._arguments import check_generation_kwargs, is_generation_name, unexpected  # noqa: E402
+from .._arguments import check_generation_kwargs, is_generation_name, shared_model, unexpected  # noqa: E402
 from ..adapters.corpus import ReferenceResolver  # noqa: E402
 from ..adapters.references import strip_references  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
@@ -105,10 +104,10 @@ def _sort_constructor_arguments(cls: type, values: dict[str, Any]) -> dict[str, 
     return values
 
 
-@functools.lru_cache(maxsize=2)
 def _load_model(base_model: str | None, d2l: str | None, t2l: str | None) -> HyperLoRAModel:
-    """Load (once per process) a model named by strings, so many chat models share its weights."""
-    return HyperLoRAModel.from_pretrained(base_model, d2l=d2l, t2l=t2l)
+    """Load (once per process) a model named by strings, so many chat models share its weights
+    (and share them with ``HyperLoRALLM``s built from the same name)."""
+    return shared_model(base_model, d2l, t2l)
 
 
 @dataclass
