@@ -1,6 +1,7 @@
 """Command line of the benchmark: ``hyperlora bench [--quick] [--tiny] [--out DIR]``.
 
-``hyperlora bench structured ...`` runs the structured-output benchmark instead (``structured.py``).
+``hyperlora bench structured ...`` runs the structured-output benchmark instead (``structured.py``),
+``hyperlora bench serve ...`` the batched multi-adapter serving benchmark (``serve.py``).
 
 The default plan is the full run reported in ``docs/benchmarks.md``; its question counts are
 budgeted so that it finishes in about an hour on a 2-core CPU (see the cost table there): the
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         from .structured import main as structured_main
 
         return structured_main(argv[1:])
+    if argv[:1] == ["serve"]:  # batched multi-adapter serving vs serial (bench/serve.py)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = parse_args(argv)
     out = Path(args.out)
     from .report import write_report
