@@ -199,3 +199,22 @@ def test_refused_arguments_say_why(tiny_model, kwargs, match):
         SamplingParams(max_new_tokens=2, **kwargs)
     with pytest.raises(InvalidInputError):
         tiny_model.generate("hi", **{"max_new_tokens": 2, **kwargs})
+
+
+def test_langchain_and_llamaindex_pass_per_call_generation_arguments(tiny_model):
+    """ChatHyperLoRA and HyperLoRALLM hand transformers' arguments through to the core per call,
+    as ChatHuggingFace / HuggingFaceLLM users expect (constructor defaults are tested with them)."""
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from hyperlora_integrations.langchain import ChatHyperLoRA
+    from hyperlora_integrations.llama_index import HyperLoRALLM
+
+    forced = tiny_model.tokenizer.decode([1000] * N)
+    chat = ChatHyperLoRA(model=tiny_model, max_tokens=N)
+    assert chat.invoke(PROMPT, logits_processor=[ForceToken(1000)]).content == forced
+    assert chat.invoke(PROMPT, repetition_penalty=2.0).content != chat.invoke(PROMPT).content
+    llm = HyperLoRALLM(tiny_model, max_new_tokens=N)
+    assert llm.complete(PROMPT, logits_processor=[ForceToken(1000)]).text == forced
+    assert llm.complete(PROMPT, repetition_penalty=2.0, top_k=3).text != llm.complete(PROMPT).text
+    with pytest.raises(InvalidInputError, match="beam"):
+        llm.complete(PROMPT, num_beams=3)
