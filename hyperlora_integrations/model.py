@@ -292,6 +292,7 @@ class HyperLoRAModel:
         progress: bool | None = None,
         config=None,
         source: str = "",
+        should_stop=None,
     ) -> Adapter:
         """Learn ``text`` into an adapter by gradient steps on targets built from the text alone.
 
@@ -312,6 +313,7 @@ class HyperLoRAModel:
             seed=seed,
             progress=progress,
             source=source,
+            should_stop=should_stop,
         )
 
     def generate_skill(self, description: str) -> Adapter:

@@ -4,6 +4,8 @@ context -> consolidated (or instant -> consolidated) as the background job compl
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -134,3 +136,52 @@ def test_consolidate_now_and_models_without_hypernetwork(fresh_tiny_model, store
     assert res.served_by == {bg_id: "context"}
     with pytest.raises(InvalidInputError):
         corpus.add_texts([DOC], consolidate="later")
+
+
+def test_fictional_fixture_and_its_evaluation_run_end_to_end(fresh_tiny_model, tmp_path):
+    from hyperlora_integrations.training import eval_fictional as ev
+
+    test, dev = ev.load_fixture("test"), ev.load_fixture("dev")
+    assert len(test) >= 30 and not {d["id"] for d in test} & {d["id"] for d in dev}
+    assert all(len(d["questions"]) == 3 and all(q["answer"] in d["text"] for q in d["questions"]) for d in test)
+    docs = dev[:2]
+    model = fresh_tiny_model
+    result = ev.evaluate(model, docs, model.consolidation_config, max_new_tokens=2, cache=tmp_path)
+    summary = result["summary"]
+    assert summary["questions"] == 6 and set(summary["gap_closure"]) == {
+        "context",
+        "instant",
+        "consolidated",
+        "mismatched",
+    }
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # cached: a rerun (or a resume after a kill) trains nothing
+    again = ev.evaluate(model, docs, model.consolidation_config, generate=False, cache=tmp_path)
+    assert [r["nll_consolidated"] for r in again["rows"]] == [r["nll_consolidated"] for r in result["rows"]]
+    retrieval = ev.retrieval_study(model, docs, result["adapters"], max_new_tokens=2)["summary"]
+    assert set(retrieval) == {"k1", "k4", "k4_cut0.5"}
+    swap = ev.swap_study(model, docs, result["adapters"], max_new_tokens=2)["summary"]
+    assert "context" not in swap["langchain_served_by"] and swap["langchain_served_by"].get("consolidated", 0) > 0
+
+
+def test_stopping_a_worker_mid_consolidation_returns_the_job_to_the_queue(fresh_tiny_model, store):
+    from hyperlora_integrations.adapters.worker import BackgroundWorker
+
+    model = fresh_tiny_model
+    model.consolidation_config = FAST.model_copy(update={"steps": 10_000})  # would run for minutes
+    corpus = InternalizedCorpus(model, store, namespace="docs")
+    worker = BackgroundWorker(model, store)
+    store.workers[id(model)] = worker  # the corpus's worker, not started by add_texts below
+    [doc_id] = corpus.add_texts([DOC], consolidate="background")
+    instant = store.get(doc_id, namespace="docs")
+    worker.start()
+    deadline = time.monotonic() + 60
+    while store.job(doc_id, namespace="docs").state != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.stop(timeout=60)
+    assert not worker.running
+    job = store.job(doc_id, namespace="docs")
+    assert job is not None and job.state == "queued" and job.kind == "consolidate"
+    kept = store.get(doc_id, namespace="docs")  # the instant adapter, untouched, never half-written
+    assert not kept.metadata.model_extra.get("consolidated")
+    assert all(torch.equal(kept.A[k], instant.A[k]) and torch.equal(kept.B[k], instant.B[k]) for k in kept.A)

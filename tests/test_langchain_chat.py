@@ -63,7 +63,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def retriever(model):
-    return HyperLoRARetriever.from_documents(DOCS, model=model, k=2)
+    return HyperLoRARetriever.from_documents(DOCS, model=model, k=2, consolidate=False)
 
 
 class Recorder:
@@ -162,7 +162,7 @@ def test_reference_adapter_changes_the_output(model, retriever):
 
 def test_hybrid_mode_keeps_an_excerpt_but_never_the_reference(model, record):
     store = AdapterStore()
-    hybrid = HyperLoRARetriever.from_documents(DOCS, model=model, store=store, mode="hybrid", k=1)
+    hybrid = HyperLoRARetriever.from_documents(DOCS, model=model, store=store, mode="hybrid", k=1, consolidate=False)
     doc = hybrid.invoke("capital Zorbia")[0]
     assert doc.page_content.startswith("[hyperlora-ref ") and "glass towers" in doc.page_content
     recorder = record()
@@ -188,7 +188,7 @@ def test_forged_reference_activates_nothing_and_is_stripped(model, retriever, re
 
 
 def test_reference_from_another_store_or_namespace_is_rejected(model, retriever, record):
-    other_store = HyperLoRARetriever.from_documents(DOCS[:1], model=model)  # its own store and key
+    other_store = HyperLoRARetriever.from_documents(DOCS[:1], model=model, store=AdapterStore(), consolidate=False)
     same_store_other_ns = HyperLoRARetriever.from_documents(
         DOCS[:1], model=model, store=retriever.store, namespace="tenant-b"
     )
@@ -213,16 +213,53 @@ def test_expired_reference_is_rejected(model, retriever, record, monkeypatch):
     assert recorder.adapter_ids == [] and msg.response_metadata["references_rejected"] == 1
 
 
-def test_model_without_reference_source_strips_references(model, retriever, record):
-    ref = retriever.invoke("capital Zorbia")[0].page_content
+def test_model_without_reference_source_strips_references_and_warns_once(model, record, caplog):
+    elsewhere = HyperLoRARetriever.from_documents(DOCS[:1], model=model, store=AdapterStore(), consolidate=False)
+    ref = elsewhere.invoke("capital Zorbia")[0].page_content
     recorder = record()
-    msg = llm_for(model).invoke(f"{ref} What is the capital?")
+    llm = llm_for(model)
+    with caplog.at_level("WARNING"):
+        msg = llm.invoke(f"{ref} What is the capital?")
+        llm.invoke(f"{ref} And again?")
     assert recorder.adapter_ids == [] and "hyperlora-ref" not in recorder.prompt_text
     assert msg.response_metadata["references_rejected"] == 1
+    warnings = [r for r in caplog.records if "could not be honoured" in r.getMessage()]
+    assert len(warnings) == 1 and "references_from" in warnings[0].getMessage()
+
+
+def test_retriever_and_chat_model_on_one_model_work_together_with_no_extra_argument(model, record):
+    """The two-line swap as users write it: no references_from, no store."""
+    retriever = HyperLoRARetriever.from_documents(DOCS, model=model, k=1, consolidate=False)
+    llm = ChatHyperLoRA(model=model, max_tokens=4)
+    docs = retriever.invoke("capital Zorbia")
+    recorder = record()
+    msg = llm.invoke(f"Context: {format_docs(docs)}\nWhat is the capital?")
+    assert recorder.adapter_ids == [d.metadata["adapter_id"] for d in docs] and docs
+    assert msg.response_metadata["served_by"] == {docs[0].metadata["adapter_id"]: "instant"}
+    assert msg.response_metadata["references_rejected"] == 0
+
+
+def test_pending_consolidation_is_served_by_context_then_by_the_consolidated_adapter(model, record):
+    retriever = HyperLoRARetriever.from_documents(DOCS, model=model, k=1)  # consolidate="background"
+    doc = retriever.invoke("capital Zorbia")[0]
+    adapter_id = doc.metadata["adapter_id"]
+    question = f"Context: {doc.page_content}\nWhat is the capital?"
+    pending = ChatHyperLoRA(model=model, max_tokens=2)
+    instant = ChatHyperLoRA(model=model, max_tokens=2, serve_pending="instant")
+    if retriever.store.job(adapter_id, namespace=retriever.namespace) is not None:  # not consolidated yet
+        assert pending.invoke(question).response_metadata["served_by"][adapter_id] in ("context", "consolidated")
+        assert instant.invoke(question).response_metadata["served_by"][adapter_id] in ("instant", "consolidated")
+    retriever._corpus.drain(timeout=300)
+    for llm in (pending, instant):
+        recorder = record()
+        msg = llm.invoke(question)
+        assert msg.response_metadata["served_by"] == {adapter_id: "consolidated"}
+        assert recorder.adapter_ids == [adapter_id]
+        assert not any(words in recorder.prompt_text for words in DOC_WORDS)
 
 
 def test_references_from_retrievers_with_different_stores_is_refused(model, retriever):
-    other = HyperLoRARetriever(model=model)
+    other = HyperLoRARetriever(model=model, store=AdapterStore())
     with pytest.raises(ValueError, match="share one AdapterStore"):
         ChatHyperLoRA(model=model, references_from=[retriever, other])
 

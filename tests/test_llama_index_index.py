@@ -40,7 +40,9 @@ def doc_fragments() -> list[str]:
 
 @pytest.fixture()
 def index(tiny_model):
-    return InternalizedIndex.from_documents(documents(), model=tiny_model, namespace="facts")
+    return InternalizedIndex.from_documents(
+        documents(), model=tiny_model, store=AdapterStore(), namespace="facts", consolidate=False
+    )
 
 
 def assert_no_document_text(prompt: str) -> None:

@@ -26,7 +26,9 @@ N = 3
 @pytest.fixture(scope="module")
 def index(tiny_model):  # read-only here: built once for the module
     docs = [Document(text=text, metadata={"topic": key}) for key, text in FACTS.items()]
-    return InternalizedIndex.from_documents(docs, model=tiny_model, namespace="facts")
+    return InternalizedIndex.from_documents(
+        docs, model=tiny_model, store=AdapterStore(), namespace="facts", consolidate=False
+    )
 
 
 @pytest.fixture()
@@ -79,7 +81,9 @@ def test_forged_reference_is_rejected_and_stripped(index, llm, tiny_model, monke
 
 
 def test_reference_from_another_store_is_rejected(index, tiny_model, monkeypatch):
-    other = InternalizedIndex.from_documents([Document(text=FACTS["vellic"])], model=tiny_model, namespace="facts")
+    other = InternalizedIndex.from_documents(
+        [Document(text=FACTS["vellic"])], model=tiny_model, store=AdapterStore(), namespace="facts", consolidate=False
+    )
     foreign = reference(other, "Vellic")
     llm = HyperLoRALLM(tiny_model, store=index.store, max_new_tokens=N)
     response, spy, rec = run_and_record(llm, tiny_model, monkeypatch, f"{foreign} How high?")
@@ -95,9 +99,12 @@ def test_namespace_not_allowed_is_rejected(index, tiny_model, monkeypatch):
     assert response.raw["rejected_references"] == 1
 
 
-def test_llm_without_store_strips_every_reference(index, tiny_model, monkeypatch):
+def test_llm_without_store_strips_references_of_stores_it_was_not_given(tiny_model, monkeypatch):
+    elsewhere = InternalizedIndex.from_documents(
+        [Document(text=FACTS["zorblax"])], model=tiny_model, store=AdapterStore(), consolidate=False
+    )
     llm = HyperLoRALLM(tiny_model, max_new_tokens=N)
-    response, spy, rec = run_and_record(llm, tiny_model, monkeypatch, f"{reference(index, 'Zorblax')} When?")
+    response, spy, rec = run_and_record(llm, tiny_model, monkeypatch, f"{reference(elsewhere, 'Zorblax')} When?")
     rec.assert_exactly([])
     assert response.raw["rejected_references"] == 1
     assert spy.prompt_text() == " When?"
@@ -129,6 +136,16 @@ def test_references_in_chat_history_are_resolved_per_call(index, llm, tiny_model
     ids = [r.split(" id=")[1].split(" ")[0] for r in (zorblax, vellic)]
     assert response.raw["adapters"] == ids  # in order of first mention, no duplicates
     assert llm.chat([ChatMessage(role="user", content="No references.")]).raw["adapters"] == []
+
+
+def test_index_and_llm_on_one_model_work_together_with_no_store_argument(tiny_model, monkeypatch):
+    index = InternalizedIndex.from_documents([Document(text=FACTS["zorblax"])], model=tiny_model, consolidate=False)
+    llm = HyperLoRALLM(tiny_model, max_new_tokens=N)
+    ref = reference(index, "Zorblax")
+    response, spy, rec = run_and_record(llm, tiny_model, monkeypatch, f"{ref} When?")
+    adapter_id = ref.split(" id=")[1].split(" ")[0]
+    rec.assert_exactly([index.store.get(adapter_id, namespace=index.namespace)])
+    assert response.raw["served_by"] == {adapter_id: "instant"} and response.raw["rejected_references"] == 0
 
 
 def test_fresh_store_is_not_a_shared_secret(tiny_model):

@@ -207,7 +207,10 @@ class AdapterStore:
     def __init__(self, path: str | os.PathLike | None = None, *, cache_bytes: int = 256 * 2**20) -> None:
         if not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise InvalidInputError(f"cache_bytes must be a non-negative int, got {cache_bytes!r}")
-        self._tmp = tempfile.TemporaryDirectory(prefix="hyperlora-store-") if path is None else None
+        # ignore_cleanup_errors: a daemon background worker may still be writing at interpreter exit
+        self._tmp = (
+            tempfile.TemporaryDirectory(prefix="hyperlora-store-", ignore_cleanup_errors=True) if path is None else None
+        )
         self.path = Path(self._tmp.name if self._tmp else path)
         # 0700/0600 whatever the umask: the index holds every tenant's source text.
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -16,15 +16,17 @@ lost and nothing is done twice (see ``AdapterStore.claim``/``complete``).
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..consolidation import ConsolidationConfig
+from ..consolidation import ConsolidationConfig, ConsolidationInterrupted
 from ..errors import AdapterNotFoundError, InvalidInputError
 from .store import AdapterStore, Job
 
@@ -70,6 +72,7 @@ class BackgroundWorker:
 
     def start(self) -> BackgroundWorker:
         """Start the daemon thread (idempotent)."""
+        _RUNNING.add(self)
         with self._owner_lock:
             if self._thread is not None and self._thread.is_alive():
                 return self
@@ -110,6 +113,9 @@ class BackgroundWorker:
         try:
             # A fresh context: no adapter active in the caller can leak into hypernetwork passes.
             adapter, text = contextvars.Context().run(self._make, job)
+        except ConsolidationInterrupted:  # stopping (e.g. at exit): the job waits for the next worker
+            self.store.release(job)
+            return False
         except Exception as exc:  # typed input errors and bugs alike: park the job, keep working
             log.warning("job %s (%s %s/%s) failed: %s", job.seq, job.kind, job.namespace, job.id, exc)
             self.store.fail(job, f"{type(exc).__name__}: {exc}")
@@ -159,6 +165,7 @@ class BackgroundWorker:
             seed=int(options.get("seed", 0)),
             progress=False,
             source=str(options.get("source", "")),
+            should_stop=self._stop.is_set,
         )
         adapter.metadata.user_metadata = dict(options.get("user_metadata") or {})
         return adapter
@@ -176,7 +183,7 @@ class BackgroundWorker:
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
         seen = {j.seq for j in self._ours()}
-        with tqdm(desc="background queue", unit="job", disable=not progress) as bar:
+        with tqdm(desc="internalizing queue", unit="job", disable=not progress) as bar:
             while True:
                 worked = self.run_once()
                 done += worked
@@ -193,6 +200,27 @@ class BackgroundWorker:
                     raise TimeoutError(f"{len(left)} jobs still pending after {timeout} s")
                 if not worked:  # all remaining jobs are being run by someone else
                     time.sleep(0.05)
+
+
+_RUNNING: weakref.WeakSet[BackgroundWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Stop background threads before the interpreter tears down torch under them.
+
+    A consolidation in progress stops at its next step and its job goes back to the queue (the
+    next process's worker redoes it); without this, a daemon thread inside a torch op at exit
+    aborts the process ("terminate called without an active exception").
+    """
+    workers = list(_RUNNING)
+    for worker in workers:
+        worker._stop.set()
+        worker._wake.set()
+    for worker in workers:
+        thread = worker._thread
+        if thread is not None and thread.is_alive():
+            thread.join(30)
 
 
 def worker_for(model: HyperLoRAModel, store: AdapterStore) -> BackgroundWorker:

@@ -8,10 +8,11 @@ budget, metadata). ``HyperLoRAModel.consolidate`` and the store's background wor
 from .config import ConsolidationConfig
 from .engine import consolidate, tokenize_examples
 from .targets import Example, build_examples, schedule, sentences
-from .trainer import FitResult, fit
+from .trainer import ConsolidationInterrupted, FitResult, fit
 
 __all__ = [
     "ConsolidationConfig",
+    "ConsolidationInterrupted",
     "Example",
     "FitResult",
     "build_examples",

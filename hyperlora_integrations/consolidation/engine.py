@@ -8,6 +8,7 @@ chunk adapters are rank-concatenated, then cut to the byte budget with a truncat
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,18 @@ def tokenize_examples(model: HyperLoRAModel, examples: list[Example], max_tokens
     return out
 
 
+def by_length(seqs: list[tuple[list, list]], batch_size: int, seed: int) -> list[tuple[list, list]]:
+    """Reorder so each batch holds sequences of similar length, batches in a seeded random order.
+
+    A step pads its batch to the longest sequence; one recitation among short cloze turns would
+    make the whole batch pay for it. Same sequences, same count: only padding goes away.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return [seqs[i] for batch in batches for i in batch]
+
+
 def _chunks(model: HyperLoRAModel, text: str, chunk_tokens: int) -> tuple[list[str], int]:
     n_tokens = len(encode_text(model.tokenizer, text))
     if n_tokens > MAX_DOCUMENT_TOKENS:
@@ -64,13 +77,15 @@ def consolidate(
     progress: bool | None = None,
     source: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Adapter:
     """Train an adapter that carries ``text``, from ``adapter`` (e.g. the instant one) or zero.
 
     Works for any base model, with or without a trained hypernetwork. ``steps`` overrides the
     config's steps per chunk; ``time_budget_s`` caps the whole run (split over chunks). The
     result's metadata has ``consolidated=True`` and a ``consolidation`` summary (steps, loss
-    curve, seconds). A document longer than one chunk starts every chunk from zero: the instant
+    curve, seconds). ``should_stop`` is polled every step; when it returns true the run raises
+    ``ConsolidationInterrupted`` (a background worker shutting down). A document longer than one chunk starts every chunk from zero: the instant
     adapter of a long document is a rank-concatenation over chunks that do not line up with ours.
     """
     check_text(text, "document")
@@ -100,10 +115,19 @@ def consolidate(
         for i, chunk in enumerate(chunks):
             examples = build_examples(chunk)
             drawn = schedule(examples, weights, config.steps * config.batch_size, seed + i)
-            seqs = tokenize_examples(model, drawn, config.max_seq_tokens)
+            seqs = by_length(tokenize_examples(model, drawn, config.max_seq_tokens), config.batch_size, seed + i)
             budget = None if time_budget_s is None else time_budget_s / len(chunks)
             init = adapter if (adapter is not None and len(chunks) == 1) else None
-            result = fit(model, seqs, config, init=init, seed=seed + i, time_budget_s=budget, progress=step_done)
+            result = fit(
+                model,
+                seqs,
+                config,
+                init=init,
+                seed=seed + i,
+                time_budget_s=budget,
+                progress=step_done,
+                should_stop=should_stop,
+            )
             parts.append(Adapter(result.A, result.B))
             summaries.append(result)
     combined = concat(parts) if len(parts) > 1 else parts[0]

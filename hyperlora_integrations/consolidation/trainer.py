@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 Sequences = Sequence[tuple[list[int], list[int]]]  # (prompt ids, target ids)
 
 
+class ConsolidationInterrupted(Exception):
+    """``should_stop`` asked a fit to stop (a worker shutting down); nothing was produced."""
+
+
 @dataclass
 class FitResult:
     """The fitted A/B (scaling folded into B) and how the fit went."""
@@ -93,6 +97,7 @@ def fit(
     seed: int = 0,
     time_budget_s: float | None = None,
     progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train A/B so the model, with them active, predicts each target after its prompt.
 
@@ -117,6 +122,8 @@ def fit(
     result = FitResult(A={}, B={})
     n = len(sequences)
     for step in range(config.steps):
+        if should_stop is not None and should_stop():
+            raise ConsolidationInterrupted(f"stopped after {step} of {config.steps} steps")
         rows = [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
         ids, labels, keep_from = _batch(rows, pad_id, device)
         A = {k: torch.cat([A_low[k], A_train[k]]) for k in A_train}
@@ -135,7 +142,7 @@ def fit(
         result.losses.append(loss.item())
         result.steps = step + 1
         if progress is not None:
-            progress(step + 1, float(loss))
+            progress(step + 1, result.losses[-1])
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             result.stopped = "time_budget"
             break

@@ -155,6 +155,84 @@ def retrieval_study(
     return {"rows": rows, "summary": summary}
 
 
+def swap_study(
+    model: HyperLoRAModel, docs: list[dict], consolidated: list[Adapter], *, max_new_tokens: int = 24
+) -> dict:
+    """The two-line swaps as users write them, answering every question of ``docs``.
+
+    LangChain: one LCEL chain (prompt -> chat model -> parser) with the context from (a) nothing
+    (the bare model) or (b) ``HyperLoRARetriever(consolidate="now")`` next to ``ChatHyperLoRA`` on
+    the same model, no other argument. LlamaIndex: ``InternalizedIndex(consolidate="now")
+    .as_query_engine(llm=HyperLoRALLM(model))``. The store is seeded with the adapters this run
+    consolidated (the same ``consolidate`` call the retriever would make), so nothing is trained
+    twice. Reported: answers containing the gold answer, and how each reference was served
+    ("context" would mean document text reached the prompt).
+    """
+    from langchain_core.documents import Document as LCDocument
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnablePassthrough
+    from llama_index.core import Document as LIDocument
+
+    from ..adapters import AdapterStore
+    from ..adapters.corpus import document_id
+    from ..langchain import ChatHyperLoRA, HyperLoRARetriever
+    from ..llama_index import HyperLoRALLM, InternalizedIndex
+
+    store = AdapterStore()
+    for namespace in ("langchain", "llamaindex"):
+        for doc, adapter in zip(docs, consolidated, strict=True):
+            copy = Adapter(adapter.A, adapter.B, scaling=adapter.scaling, metadata=adapter.metadata.model_copy())
+            copy.metadata.id = document_id(namespace, doc["text"])
+            store.put(copy, namespace=namespace, text=doc["text"])
+    retriever = HyperLoRARetriever.from_documents(
+        [LCDocument(page_content=d["text"]) for d in docs],
+        model=model,
+        store=store,
+        namespace="langchain",
+        consolidate="now",
+    )
+    chat = ChatHyperLoRA(model=model, max_tokens=max_new_tokens, references_from=[retriever])
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer the question using the context.\n\nContext:\n{context}"), ("human", "{question}")]
+    )
+
+    def fmt(found) -> str:
+        return "\n\n".join(d.page_content for d in found)
+
+    bare = {"context": lambda _: "", "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
+    swapped_llm = {"context": retriever | fmt, "question": RunnablePassthrough()} | prompt | chat
+    index = InternalizedIndex.from_documents(
+        [LIDocument(text=d["text"]) for d in docs],
+        model=model,
+        store=store,
+        namespace="llamaindex",
+        consolidate="now",
+    )
+    engine = index.as_query_engine(llm=HyperLoRALLM(model, store=store, max_new_tokens=max_new_tokens))
+    rows = []
+    served: dict[str, int] = {}
+    for doc in tqdm(docs, desc="swap study", unit="doc"):
+        for q in doc["questions"]:
+            msg = swapped_llm.invoke(q["question"])
+            for how in msg.response_metadata.get("served_by", {}).values():
+                served[how] = served.get(how, 0) + 1
+            answer_li = str(engine.query(q["question"]))
+            rows.append(
+                {
+                    "doc": doc["id"],
+                    "hit_bare": float(_contains(q["answer"], bare.invoke(q["question"]))),
+                    "hit_langchain": float(_contains(q["answer"], msg.content)),
+                    "hit_llamaindex": float(_contains(q["answer"], answer_li)),
+                }
+            )
+    summary = {k: f"{int(sum(r[f'hit_{k}'] for r in rows))}/{len(rows)}" for k in ("bare", "langchain", "llamaindex")}
+    for k in ("langchain", "llamaindex"):
+        summary[f"{k}_minus_bare"] = bootstrap([[r[f"hit_{k}"] - r["hit_bare"] for r in rows]], mean)
+    summary["langchain_served_by"] = served
+    return {"rows": rows, "summary": summary}
+
+
 class _Scored:
     def __init__(self, index: int, score: float) -> None:
         self.index, self.score = index, score
@@ -196,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--objective", default=None, help="kind weights, e.g. recite=1,continuation=1,fact=0.5,cloze=1")
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--retrieval", action="store_true", help="also run the k=1 / k=4 / cutoff retrieval study")
+    p.add_argument("--swap", action="store_true", help="also run the LangChain / LlamaIndex swap study")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default="runs/consolidated-cache")
     p.add_argument("--seed", type=int, default=0)
@@ -230,6 +309,9 @@ def main(argv=None) -> dict:
     if args.retrieval:
         result["retrieval"] = retrieval_study(model, docs, adapters)
         print(json.dumps(result["retrieval"]["summary"], indent=1))
+    if args.swap:
+        result["swap"] = swap_study(model, docs, adapters)
+        print(json.dumps(result["swap"]["summary"], indent=1))
     result["config"] = config.model_dump(mode="json")
     result["split"] = args.split
     result["base_model"] = model.name
