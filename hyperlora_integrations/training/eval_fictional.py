@@ -275,6 +275,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--retrieval", action="store_true", help="also run the k=1 / k=4 / cutoff retrieval study")
     p.add_argument("--swap", action="store_true", help="also run the LangChain / LlamaIndex swap study")
+    p.add_argument(
+        "--consolidate-only",
+        default=None,
+        metavar="I/N",
+        help="only fill the cache with shard I of N of the documents (run N of these in parallel, then score)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default="runs/consolidated-cache")
     p.add_argument("--seed", type=int, default=0)
@@ -304,6 +310,11 @@ def main(argv=None) -> dict:
     config = config_from_args(args)
     model = HyperLoRAModel.from_pretrained(args.base_model)
     docs = load_fixture(args.split)[: args.limit]
+    if args.consolidate_only:
+        i, n = (int(x) for x in args.consolidate_only.split("/"))
+        for doc in tqdm(docs[i::n], desc=f"consolidating shard {i}/{n}", unit="doc"):
+            _cached_consolidate(model, doc, config, Path(args.cache), args.seed)
+        return {}
     result = evaluate(model, docs, config, generate=not args.no_generate, cache=Path(args.cache), seed=args.seed)
     adapters = result.pop("adapters")
     if args.retrieval:
