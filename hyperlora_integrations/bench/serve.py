@@ -63,8 +63,13 @@ def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_serve(model: Any, concurrency: list[int], new_tokens: int, *, progress: bool = True) -> dict:
-    """Measure serial and batched serving at each concurrency level; see the module docstring."""
+def run_serve(
+    model: Any, concurrency: list[int], new_tokens: int, *, progress: bool = True, on_level: Any = None
+) -> dict:
+    """Measure serial and batched serving at each concurrency level; see the module docstring.
+
+    ``on_level(results)`` is called after each level, so a run cut short keeps what it measured.
+    """
     n = max(concurrency)
     sampling = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     t0 = time.perf_counter()
@@ -84,7 +89,14 @@ def run_serve(model: Any, concurrency: list[int], new_tokens: int, *, progress: 
         if progress:
             print(f"  serial {i + 1}/{n}: {serial_lat[-1]:.2f} s", file=sys.stderr)
 
-    levels = []
+    levels: list[dict] = []
+    results_so_far = {
+        "new_tokens": new_tokens,
+        "documents": n,
+        "internalize_s": internalize_s,
+        "serial_latencies_s": serial_lat,
+        "levels": levels,
+    }
     for c in concurrency:
         batcher = model.enable_batching(max_batch_size=max(concurrency))
         results: list[Any] = [None] * c
@@ -135,6 +147,8 @@ def run_serve(model: Any, concurrency: list[int], new_tokens: int, *, progress: 
             "first_difference_at": {str(i): d for i, d in diffs.items()},
         }
         levels.append(level)
+        if on_level is not None:
+            on_level(results_so_far)
         if progress:
             print(
                 f"  c={c}: serial {level['serial']['tokens_per_s']:.1f} tok/s, batched "
@@ -142,13 +156,7 @@ def run_serve(model: Any, concurrency: list[int], new_tokens: int, *, progress: 
                 f"{len(diffs)} of {c} differ",
                 file=sys.stderr,
             )
-    return {
-        "new_tokens": new_tokens,
-        "documents": n,
-        "internalize_s": internalize_s,
-        "serial_latencies_s": serial_lat,
-        "levels": levels,
-    }
+    return results_so_far
 
 
 def render(results: dict) -> str:
@@ -240,14 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import environment
 
     started = time.perf_counter()
-    results = run_serve(model, levels, new_tokens, progress=not args.no_progress)
-    results["meta"] = environment(["serve", *(argv if argv is not None else sys.argv[1:])])
-    results["meta"].update({"model": model.name, "tiny": bool(args.tiny), "wall_s": time.perf_counter() - started})
+    meta = environment(["serve", *(argv if argv is not None else sys.argv[1:])])
+    meta.update({"model": model.name, "tiny": bool(args.tiny)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(results, indent=1))
-    (out / "serve.md").write_text(render(results))
-    plotted = plot(results, out / "serve.png")
+
+    def save(results: dict) -> bool:
+        results["meta"] = {**meta, "wall_s": time.perf_counter() - started}
+        (out / "serve.json").write_text(json.dumps(results, indent=1))
+        (out / "serve.md").write_text(render(results))
+        return plot(results, out / "serve.png")
+
+    results = run_serve(model, levels, new_tokens, progress=not args.no_progress, on_level=save)
+    plotted = save(results)
     print(render(results))
     print(f"wrote {out / 'serve.json'}, {out / 'serve.md'}" + (f", {out / 'serve.png'}" if plotted else ""))
     return 0
