@@ -71,6 +71,10 @@ def test_bad_input_is_refused(tiny_model):
         tiny_model.consolidate(b"bytes")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError):
         tiny_model.consolidate(DOC, time_budget_s=0)
+    with pytest.raises(InvalidInputError, match="steps=0"):
+        tiny_model.consolidate(DOC, steps=0)
+    with pytest.raises(InvalidInputError, match="ConsolidationConfig"):
+        tiny_model.consolidate(DOC, config={"steps": 3})  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ConsolidationConfig(steps=0)
     with pytest.raises(ValueError):
@@ -185,3 +189,19 @@ def test_stopping_a_worker_mid_consolidation_returns_the_job_to_the_queue(fresh_
     kept = store.get(doc_id, namespace="docs")  # the instant adapter, untouched, never half-written
     assert not kept.metadata.model_extra.get("consolidated")
     assert all(torch.equal(kept.A[k], instant.A[k]) and torch.equal(kept.B[k], instant.B[k]) for k in kept.A)
+
+
+def test_consolidate_cli_checks_its_input_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    from hyperlora_integrations import cli
+    from hyperlora_integrations.model import HyperLoRAModel
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad command line")
+
+    monkeypatch.setattr(HyperLoRAModel, "from_pretrained", no_model)
+    assert cli.main(["consolidate"]) == 2
+    assert cli.main(["consolidate", str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["consolidate", "--file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) != 0
+    assert cli.main(["consolidate", "--file", str(tmp_path / "x.txt")]) == 2  # no --out
+    err = capsys.readouterr().err
+    assert "no store at" in err and "--out" in err

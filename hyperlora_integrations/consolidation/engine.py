@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from ..chat import check_text, encode_text
@@ -91,10 +92,14 @@ def consolidate(
     check_text(text, "document")
     if not text.strip():
         raise EmptyDocumentError("the document is empty or whitespace only")
+    if config is not None and not isinstance(config, ConsolidationConfig):
+        raise InvalidInputError(f"config must be a ConsolidationConfig, got {type(config).__name__}")
     config = config or ConsolidationConfig()
     if steps is not None:
-        config = config.model_copy(update={"steps": steps})
-        ConsolidationConfig.model_validate(config.model_dump())
+        try:
+            config = ConsolidationConfig.model_validate({**config.model_dump(), "steps": steps})
+        except ValidationError as exc:
+            raise InvalidInputError(f"steps={steps!r}: {exc.errors()[0]['msg']}") from None
     if time_budget_s is not None and time_budget_s <= 0:
         raise InvalidInputError(f"time_budget_s must be positive, got {time_budget_s}")
     if adapter is not None:
