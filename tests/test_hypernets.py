@@ -244,6 +244,13 @@ def test_d2l_evaluation_reports_the_mismatched_document_control(tiny_model):
     spec, match, mis = summary["gap_closure_specific"], summary["gap_closure"], summary["gap_closure_mismatched"]
     assert spec["mean"] == pytest.approx(match["mean"] - mis["mean"], abs=1e-9)
 
+    with_consolidated = evaluate(tiny_model, items[:2], generate=True, max_new_tokens=2, consolidated=True)
+    rows, summary = with_consolidated["rows"], with_consolidated["summary"]
+    assert all(r["nll_consolidated"] != r["nll_consolidated_mismatched"] for r in rows)
+    assert {"consolidated", "consolidated_mismatched"} <= set(summary["nll"])
+    assert "f1_consolidated" in rows[0] and "f1_consolidated_mismatched" not in rows[0]
+    assert summary["gap_closure_consolidated_specific"]["n"] == 2
+
 
 def test_doc_weighting_puts_the_loss_where_the_document_matters():
     """With --doc-weight-floor the loss is a KL weighted by the document's effect; it still trains."""

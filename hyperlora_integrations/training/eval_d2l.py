@@ -32,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-source", type=int, default=60, help="questions per held-out source (4 sources)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--no-generate", action="store_true", help="NLL only (fast)")
+    p.add_argument(
+        "--consolidated",
+        action="store_true",
+        help="add consolidated adapters (HyperLoRAModel.consolidate) and their mismatched control (slow: ~1-2 min per passage)",
+    )
     p.add_argument("--out", default="runs/eval_d2l.json")
     p.add_argument("--training-log", default=None, help="log.jsonl of the run: plots gap closure vs steps")
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +60,9 @@ def mismatched_index(items, i: int) -> int:
     return next((j for j in order if items[j].source == it.source and items[j].passage != it.passage), i)
 
 
-def evaluate(model: HyperLoRAModel, items, *, generate: bool = True, max_new_tokens: int = 24) -> dict:
+def evaluate(
+    model: HyperLoRAModel, items, *, generate: bool = True, max_new_tokens: int = 24, consolidated: bool = False
+) -> dict:
     """Score every item with no document, the document in the prompt and its adapter.
 
     Control: the adapter of *another* passage from the same source (``nll_mismatched``). What it
@@ -67,21 +74,31 @@ def evaluate(model: HyperLoRAModel, items, *, generate: bool = True, max_new_tok
         t0 = time.perf_counter()
         adapters.append(model.internalize(it.passage))
         seconds.append(time.perf_counter() - t0)
+    learned: dict[str, object] = {}  # passage -> consolidated adapter (questions share passages)
+    if consolidated:
+        for it in tqdm(items, desc="consolidating", unit="doc"):
+            if it.passage not in learned:
+                learned[it.passage] = model.consolidate(it.passage, progress=False)
     rows = []
     for i, it in enumerate(tqdm(items, desc="eval d2l", unit="q")):
         gold = it.answers[0]
         other = mismatched_index(items, i)
         row = {"source": it.source, "internalize_s": seconds[i]}
-        conditions = (
+        conditions = [
             ("none", {}),
             ("context", {"context": it.passage}),
             ("adapter", {"adapters": [adapters[i]]}),
             ("mismatched", {"adapters": [adapters[other]]}),
-        )
+        ]
+        if consolidated:  # the same control, with the other passage's consolidated adapter
+            conditions += [
+                ("consolidated", {"adapters": [learned[it.passage]]}),
+                ("consolidated_mismatched", {"adapters": [learned[items[other].passage]]}),
+            ]
         for key, kwargs in conditions:
             nll, n = model.score_detailed(it.question, gold, **kwargs)
             row[f"nll_{key}"] = nll / n
-            if generate and key != "mismatched":
+            if generate and "mismatched" not in key:
                 answer = model.generate(it.question, max_new_tokens=max_new_tokens, **kwargs).split("\n")[0]
                 row[f"answer_{key}"] = answer
                 row[f"f1_{key}"] = token_f1(answer, it.answers)
@@ -102,6 +119,14 @@ def summarize(rows: list[dict], generate: bool) -> dict:
         ),
         "by_source": {},
     }
+    if "nll_consolidated" in cols:
+        c = [cols["nll_none"], cols["nll_context"], cols["nll_consolidated"], cols["nll_consolidated_mismatched"]]
+        out["nll"]["consolidated"] = mean(cols["nll_consolidated"])
+        out["nll"]["consolidated_mismatched"] = mean(cols["nll_consolidated_mismatched"])
+        out["gap_closure_consolidated"] = bootstrap(c[:3], _gap)
+        out["gap_closure_consolidated_specific"] = bootstrap(c, _specific)
+        if generate:
+            out["f1_consolidated"] = bootstrap([cols["f1_consolidated"]], mean)
     if generate:
         for metric in ("f1", "em"):
             out[metric] = {k: bootstrap([cols[f"{metric}_{k}"]], mean) for k in ("none", "context", "adapter")}
@@ -154,7 +179,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = HyperLoRAModel.from_pretrained(args.base_model, d2l=args.d2l, t2l=None, device=args.device)
     items = d2l_eval_items(per_source=args.per_source, seed=args.seed)
-    result = evaluate(model, items, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    result = evaluate(
+        model, items, generate=not args.no_generate, max_new_tokens=args.max_new_tokens, consolidated=args.consolidated
+    )
     result["meta"] = {
         "checkpoint": args.d2l,
         "command": "hyperlora eval d2l " + " ".join(argv or []),
