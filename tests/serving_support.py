@@ -61,3 +61,19 @@ def snapshot(store_dir) -> tuple:
         jobs = [(j.namespace, j.id, j.state) for j in store.jobs(states=("queued", "running", "failed"))]
         files = sorted(str(p.relative_to(store.path)) for p in (store.path / "blobs").rglob("*"))
     return rows, jobs, files
+
+
+def start_local_ray(num_cpus: int = 2, attempts: int = 3):
+    """``ray.init`` of a single-machine Ray, retried: Ray gives its raylet a fixed 30 s to
+    register, which a machine shared with other busy processes can miss."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return ray
+        except Exception as exc:  # "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out" not in str(exc):
+                raise
+    raise AssertionError("unreachable")

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the [serve] extra (ray[serve]) is not installed")
 
-from serving_support import SPEC, free_port, get, post, snapshot, sse_events  # noqa: E402
+from serving_support import SPEC, free_port, get, post, snapshot, sse_events, start_local_ray  # noqa: E402
 
 from hyperlora_integrations.adapters import AdapterStore, InternalizedCorpus  # noqa: E402
 from hyperlora_integrations.serving import ModelSpec, ServeConfig, ServingEngine  # noqa: E402
@@ -30,12 +30,10 @@ BASE = "tiny-random-llama"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-
     from hyperlora_integrations.serving import server as serving_server
 
     store_dir = tmp_path_factory.mktemp("serve") / "store"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray(num_cpus=2)
     config = ServeConfig(
         store=str(store_dir),
         model=ModelSpec(**SPEC),

@@ -114,13 +114,28 @@ def test_signed_reference_in_a_message_activates_its_adapter(engine, model):
     assert info["adapters"] == [] and info["rejected_references"] == 1
 
 
+def test_background_consolidation_serves_at_once(engine, model, monkeypatch):
+    from hyperlora_integrations.adapters import worker
+
+    monkeypatch.setattr(worker.BackgroundWorker, "start", lambda self: self)  # keep the job queued
+    out = engine.add_documents(DocumentsRequest(documents=[{"text": DOCS[1]}], consolidate="background"))
+    (doc_id,) = out["ids"]
+    card = next(c for c in engine.models() if c["id"] == doc_id)
+    if out["consolidate"] == "background":  # the instant adapter now, its consolidation queued
+        assert (out["queued"], out["consolidating"], card["status"]) == ([], [doc_id], "consolidating")
+        served = "adapter"
+    else:  # a core without consolidation queues the internalization
+        assert (out["queued"], card["status"]) == ([doc_id], "queued")
+        served = "context"
+    _, info = chat(engine, {"model": doc_id, "messages": messages()})
+    assert info["served_by"] == {f"default/{doc_id}": served}
+
+
 def test_queued_document_is_served_from_its_text(engine, model, monkeypatch):
     from hyperlora_integrations.adapters import worker
 
     monkeypatch.setattr(worker.BackgroundWorker, "start", lambda self: self)  # keep it queued
-    out = engine.add_documents(DocumentsRequest(documents=[{"text": DOCS[1]}], consolidate="background"))
-    (doc_id,) = out["ids"]
-    assert out["queued"] == [doc_id]
+    (doc_id,) = InternalizedCorpus(model, engine.store).add_texts([DOCS[1]], background=True)
     assert any(c["id"] == doc_id and c["status"] == "queued" for c in engine.models())
     text, info = chat(engine, {"model": doc_id, "messages": messages()})
     assert info["served_by"] == {f"default/{doc_id}": "context"} and info["adapters"] == []
@@ -236,3 +251,17 @@ def test_batched_decoding_gives_each_request_its_own_adapters(engine, model):
         model.disable_batching()
     assert got == [*solo, solo_completion]
     assert scheduler.stats["max_rows"] >= 2  # they really shared a batch
+
+
+def test_cli_lists_the_commands_and_refuses_bad_options_before_starting_ray(tmp_path, capsys):
+    from hyperlora_integrations.cli import main
+    from hyperlora_integrations.serving.cli import ingest_main, serve_main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "serve " in out and "ingest " in out
+    assert ingest_main([str(tmp_path / "missing"), "--store", str(tmp_path / "s")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert serve_main(["--store", str(tmp_path / "s"), "--namespace", "bad/ns"]) == 2
+    assert "invalid namespace" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing was created

@@ -44,6 +44,8 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--store-resource", default=None, help="custom Ray resource of the node holding the store")
     args = p.parse_args(argv)
+    from pydantic import ValidationError
+
     from .config import ServeConfig
     from .server import serve_forever
 
@@ -60,6 +62,10 @@ def serve_main(argv: list[str]) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             store_resource=args.store_resource,
         )
+    except ValidationError as exc:
+        print(f"hyperlora serve: bad options: {exc}", file=sys.stderr)
+        return 2
+    try:
         serve_forever(config, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus)
     except HyperLoRAError as exc:
         print(f"hyperlora serve: {exc}", file=sys.stderr)
@@ -82,9 +88,10 @@ def ingest_main(argv: list[str]) -> int:
     p.add_argument("--actor-cpus", type=float, default=1.0)
     args = p.parse_args(argv)
     from ._ray import ensure_ray
-    from .ingest import ingest
+    from .ingest import _files, ingest
 
     try:
+        _files(args.corpus)  # a wrong path fails here, before Ray starts
         ensure_ray(args.address, num_cpus=args.num_cpus, log_to_driver=False)
         report = ingest(
             args.corpus,

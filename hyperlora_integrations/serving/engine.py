@@ -15,6 +15,7 @@ status code instead of an error in the middle of a 200 stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -283,66 +284,72 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ catalogue and documents
     def models(self) -> list[dict[str, Any]]:
-        """``/v1/models`` data: the base model, then every adapter (stored or queued) of each namespace."""
+        """``/v1/models`` data: the base model, then every adapter of each namespace.
+
+        ``status`` is ``ready``, ``consolidating`` (usable; a better adapter is being learned) or
+        ``queued`` (no adapter yet: answered from the document's text).
+        """
         cards = [{"id": self.base_name, "object": "model", "created": 0, "owned_by": "hyperlora", "kind": "base"}]
-        seen = set()
         for i, namespace in enumerate(self.namespaces):
+            by_id: dict[str, dict[str, Any]] = {}
+            card = functools.partial(self._card, namespace, i == 0)
             for meta in self.store.list(namespace=namespace):
-                model_id = meta.id if i == 0 else f"{namespace}/{meta.id}"
-                seen.add((namespace, meta.id))
-                card = {
-                    "id": model_id,
-                    "object": "model",
-                    "created": _epoch(meta.created_at),
-                    "owned_by": "hyperlora",
-                    "kind": meta.kind,
-                    "namespace": namespace,
-                    "status": "ready",
-                    "parent": self.base_name,
-                }
+                by_id[meta.id] = card(meta.id, meta.kind, meta.created_at, "ready")
                 if (meta.model_extra or {}).get("skill_name"):
-                    card["name"] = meta.model_extra["skill_name"]
-                cards.append(card)
+                    by_id[meta.id]["name"] = meta.model_extra["skill_name"]
             for job in self.store.pending(namespace=namespace):
-                if (namespace, job.id) in seen:
-                    continue
-                cards.append(
-                    {
-                        "id": job.id if i == 0 else f"{namespace}/{job.id}",
-                        "object": "model",
-                        "created": _epoch(job.created_at),
-                        "owned_by": "hyperlora",
-                        "kind": job.kind,
-                        "namespace": namespace,
-                        "status": "queued",
-                        "parent": self.base_name,
-                    }
-                )
+                if job.id in by_id:
+                    if job.kind == "consolidate":
+                        by_id[job.id]["status"] = "consolidating"
+                else:
+                    by_id[job.id] = card(
+                        job.id, "document" if job.kind == "consolidate" else job.kind, job.created_at, "queued"
+                    )
+            cards.extend(by_id.values())
         return cards
+
+    def _card(self, namespace: str, first: bool, adapter_id: str, kind: str, created: str, status: str) -> dict:
+        return {
+            "id": adapter_id if first else f"{namespace}/{adapter_id}",
+            "object": "model",
+            "created": _epoch(created),
+            "owned_by": "hyperlora",
+            "kind": kind,
+            "namespace": namespace,
+            "status": status,
+            "parent": self.base_name,
+        }
 
     def add_documents(self, req: DocumentsRequest) -> dict[str, Any]:
         """Internalize (and consolidate) documents into ``namespaces[0]``; their ids are ``model`` values.
 
-        The corpus validates the whole batch before storing anything, so one bad document leaves
-        the store as it was.
+        ``consolidate``: ``False``, one hypernetwork pass each before the reply; ``"now"``, also
+        learned by gradient steps before the reply; ``"background"``, the instant adapter now and
+        a consolidation job queued (the replica's background worker replaces the adapter when
+        it is done, and the replicas reload it: a replaced adapter has a new cache key). A corpus
+        without ``consolidate`` (an older core) queues the internalization instead, answering
+        from the text meanwhile. The corpus validates the whole batch before storing anything, so
+        one bad document leaves the store as it was.
         """
         texts = [d.text for d in req.documents]
         metadatas = [d.metadata for d in req.documents]
         corpus = self.corpus
         mode = req.consolidate
-        kwargs: dict[str, Any] = {"background": mode == "background"}
-        consolidated: bool | str = False
-        if mode and "consolidate" in inspect.signature(corpus.add_texts).parameters:
-            kwargs["consolidate"] = mode
-            consolidated = mode
-        ids = corpus.add_texts(texts, metadatas, **kwargs)
-        queued = [i for i in ids if not self.store.contains(i, namespace=corpus.namespace)]
+        if "consolidate" in inspect.signature(corpus.add_texts).parameters:
+            ids = corpus.add_texts(texts, metadatas, consolidate=mode)
+        else:
+            ids = corpus.add_texts(texts, metadatas, background=mode == "background")
+            mode = False
+        ns = corpus.namespace
+        queued = [i for i in ids if not self.store.contains(i, namespace=ns)]
+        consolidating = [i for i in ids if (job := self.store.job(i, namespace=ns)) and job.kind == "consolidate"]
         return {
             "object": "list",
             "ids": ids,
             "queued": queued,
-            "namespace": corpus.namespace,
-            "consolidated": consolidated,
+            "consolidating": consolidating,
+            "namespace": ns,
+            "consolidate": mode,
         }
 
 
