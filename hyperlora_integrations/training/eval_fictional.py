@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -275,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--retrieval", action="store_true", help="also run the k=1 / k=4 / cutoff retrieval study")
     p.add_argument("--swap", action="store_true", help="also run the LangChain / LlamaIndex swap study")
+    p.add_argument("--studies", default="main", help="comma-separated: main, retrieval, swap (default main)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument(
         "--consolidate-only",
         default=None,
@@ -315,21 +318,46 @@ def main(argv=None) -> dict:
         for doc in tqdm(docs[i::n], desc=f"consolidating shard {i}/{n}", unit="doc"):
             _cached_consolidate(model, doc, config, Path(args.cache), args.seed)
         return {}
-    result = evaluate(model, docs, config, generate=not args.no_generate, cache=Path(args.cache), seed=args.seed)
-    adapters = result.pop("adapters")
+    studies = set(args.studies.split(","))
+    unknown = studies - {"main", "retrieval", "swap"}
+    if unknown:
+        raise SystemExit(f"unknown studies {sorted(unknown)}: choose from main, retrieval, swap")
     if args.retrieval:
-        result["retrieval"] = retrieval_study(model, docs, adapters)
-        print(json.dumps(result["retrieval"]["summary"], indent=1))
+        studies.add("retrieval")
     if args.swap:
-        result["swap"] = swap_study(model, docs, adapters)
+        studies.add("swap")
+    if "main" in studies:
+        result = evaluate(
+            model,
+            docs,
+            config,
+            generate=not args.no_generate,
+            max_new_tokens=args.max_new_tokens,
+            cache=Path(args.cache),
+            seed=args.seed,
+        )
+        adapters = result.pop("adapters")
+    else:  # the adapters only, from the cache (or consolidated now)
+        result = {}
+        adapters = [
+            _cached_consolidate(model, doc, config, Path(args.cache), args.seed)
+            for doc in tqdm(docs, desc="consolidating", unit="doc")
+        ]
+    if "retrieval" in studies:
+        result["retrieval"] = retrieval_study(model, docs, adapters, max_new_tokens=args.max_new_tokens)
+        print(json.dumps(result["retrieval"]["summary"], indent=1))
+    if "swap" in studies:
+        result["swap"] = swap_study(model, docs, adapters, max_new_tokens=args.max_new_tokens)
         print(json.dumps(result["swap"]["summary"], indent=1))
     result["config"] = config.model_dump(mode="json")
     result["split"] = args.split
     result["base_model"] = model.name
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = "hyperlora eval fictional " + " ".join(argv if argv is not None else sys.argv[1:])
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
+    if "summary" in result:
+        print(json.dumps(result["summary"], indent=1))
     return result
 
 
