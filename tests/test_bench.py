@@ -78,6 +78,8 @@ def test_quick_tiny_run_writes_results_report_and_plots(tmp_path, tiny_model):
         assert cs["stuff_kv"]["prompt_tokens"] > entry["length"] * 0.8
         assert cs["stuff_kv"]["prefill_tokens"] == cs["none"]["prompt_tokens"] - k  # only the question
         assert cs["d2l"]["prompt_tokens"] == cs["none"]["prompt_tokens"] == cs["distill"]["prompt_tokens"]
+        assert cs["consolidated"]["prompt_tokens"] == cs["none"]["prompt_tokens"]  # question alone
+        assert entry["ratios"]["prep_consolidated_s"] == cs["consolidated"]["prep_s"] > 0
         assert cs["none"]["bytes_per_doc"] == 0 and cs["stuff_kv"]["bytes_per_doc"] > cs["stuff"]["bytes_per_doc"]
         assert cs["d2l_rag"]["bytes_per_doc"] == cs["d2l"]["bytes_per_doc"] + cs["rag"]["bytes_per_doc"]
         assert cs["stuff"]["gap_closure"]["mean"] == pytest.approx(1.0)
