@@ -63,17 +63,40 @@ def snapshot(store_dir) -> tuple:
     return rows, jobs, files
 
 
+def _children() -> set[int]:
+    """Pids of this process's direct children (Linux /proc; empty elsewhere)."""
+    me, out = str(os.getpid()), set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.add(int(entry))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
 def start_local_ray(num_cpus: int = 2, attempts: int = 3):
     """``ray.init`` of a single-machine Ray, retried: Ray gives its raylet a fixed 30 s to
-    register, which a machine shared with other busy processes can miss."""
+    register, which a machine shared with other busy processes can miss. The processes a failed
+    attempt started (this process's new children) are killed before the next one."""
+    import signal
+
     import ray
 
     for attempt in range(attempts):
+        before = _children()
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return ray
         except Exception as exc:  # "The current node timed out during startup"
             ray.shutdown()
+            for pid in _children() - before:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             if attempt == attempts - 1 or "timed out" not in str(exc):
                 raise
     raise AssertionError("unreachable")
