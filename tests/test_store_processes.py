@@ -25,13 +25,14 @@ import torch
 from hyperlora_integrations.adapters import AdapterStore
 from hyperlora_integrations.adapters.corpus import document_id
 from hyperlora_integrations.errors import AdapterNotFoundError
-from hyperlora_integrations.lora import Adapter, AdapterMetadata
+from hyperlora_integrations.lora import Adapter, AdapterMetadata, content_hash
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 
 ROOT = Path(__file__).resolve().parent.parent
-KILLS = 40  # random SIGKILLs during store writes
+KILLS = 84  # random SIGKILLs during store writes
 QUEUE_KILLS = 12  # random SIGKILLs of a background worker with documents queued
+CONSOLIDATE_KILLS = 16  # random SIGKILLs of a worker consolidating documents (at most; stops when all are done)
 
 SERVER = r"""
 import json, os, random, signal, sys, time, traceback
@@ -92,7 +93,15 @@ def queue_worker(path, docs):
     corpus.worker.stop()
     return {"ids": ids, "pending": corpus.pending(), "processed": corpus.worker.processed}
 
-FUNCS = {f.__name__: f for f in (put_loop, writer, hold_lock, queue_worker)}
+def drain_worker(path, namespace):
+    # finishes whatever is queued (consolidations included), competing with nobody
+    store = AdapterStore(path)
+    corpus = InternalizedCorpus(MODEL, store, namespace=namespace)
+    corpus.drain()
+    corpus.worker.stop()
+    return {"processed": corpus.worker.processed, "left": [j.id for j in store.pending(namespace=namespace)]}
+
+FUNCS = {f.__name__: f for f in (put_loop, writer, hold_lock, queue_worker, drain_worker)}
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
 print("ready", flush=True)
 for line in sys.stdin:
@@ -337,3 +346,75 @@ def test_queue_survives_sigkill_nothing_lost_nothing_done_twice(server, tmp_path
     )
     assert mid_job >= 1, "no kill interrupted a running job; the test did not exercise reclaiming"
     store.close()
+
+
+def _consolidation_rows(path: Path) -> dict[str, tuple[str, bool]]:
+    """id -> ("<blob> <created_at>", consolidated?) of namespace "c", read straight from the index."""
+    with sqlite3.connect(path / "index.sqlite") as db:
+        rows = db.execute("SELECT id, blob || ' ' || created_at, metadata FROM adapters WHERE namespace = 'c'")
+        return {i: (blob, bool(json.loads(meta).get("consolidated"))) for i, blob, meta in rows}
+
+
+def test_consolidation_queue_survives_sigkill_nothing_lost_nothing_done_twice(server, tmp_path, tiny_model):
+    """Workers consolidating documents (gradient steps, then ``complete`` replacing the instant
+    adapter in the same transaction that deletes the job) are SIGKILLed at random points.
+
+    After every kill: the store verifies; every document is stored or queued; a document that had
+    an instant adapter still has one (the replace never leaves a gap); a consolidated adapter, once
+    committed, never changes and is never queued again. The final run does exactly what is left.
+    """
+    rng = random.Random(7)
+    path = tmp_path / "store"
+    docs = _queue_docs(8)
+    ids = [document_id("c", d) for d in docs]
+    store = AdapterStore(path)
+    instant = set()
+    for k, (d, i) in enumerate(zip(docs, ids)):
+        if k % 2 == 0:  # half start with an instant (hypernetwork) adapter that consolidation replaces
+            adapter = tiny_model.internalize(d, progress=False)
+            adapter.metadata.id = i
+            store.put(adapter, namespace="c", text=d)
+            instant.add(i)
+        assert store.enqueue(
+            "consolidate", i, d, namespace="c", content_hash=content_hash(d), fingerprint=tiny_model.fingerprint
+        )
+    assert store.verify() == []
+    store.close()
+    first_done: dict[str, str] = {}
+    kills = mid_job = 0
+    for _ in range(CONSOLIDATE_KILLS):
+        pid, result = server.spawn("drain_worker", path=str(path), namespace="c")
+        time.sleep(rng.uniform(0.05, 0.6))
+        killed = server.kill(pid, result)
+        kills += killed
+        store = AdapterStore(path)
+        assert store.verify() == []
+        rows = _consolidation_rows(path)
+        jobs = {j.id: j for j in store.jobs(namespace="c", states=("queued", "running", "failed"))}
+        mid_job += any(j.state == "running" for j in jobs.values())
+        assert not [j for j in jobs.values() if j.state == "failed"]
+        assert sorted(set(rows) | set(jobs)) == sorted(ids)  # nothing lost
+        assert instant <= set(rows)  # an instant adapter is replaced, never removed first
+        for i, (blob, consolidated) in rows.items():
+            if consolidated:
+                assert i not in jobs  # consolidated once, never queued again
+                assert first_done.setdefault(i, blob) == blob  # and never redone
+            else:
+                assert i in jobs  # an instant adapter is stored only while its consolidation waits
+        store.close()
+        if not killed:
+            break
+    pid, result = server.spawn("drain_worker", path=str(path), namespace="c")
+    out = server.wait(result, timeout=600)
+    assert out["left"] == [] and out["processed"] == len(ids) - len(first_done)
+    rows = _consolidation_rows(path)
+    assert sorted(rows) == sorted(ids) and all(consolidated for _, consolidated in rows.values())
+    for i, blob in first_done.items():
+        assert rows[i][0] == blob
+    store = AdapterStore(path)
+    assert store.verify() == [] and store.jobs(states=("queued", "running", "failed")) == []
+    files = list((store.path / "blobs" / "c").iterdir())
+    assert len(files) == len(ids), "a replaced instant adapter's blob was left behind"
+    store.close()
+    print(f"\nconsolidation: {kills} SIGKILLs of a worker, {mid_job} of them mid-job; {len(ids)} documents")
+    assert mid_job >= 1, "no kill interrupted a running consolidation"
