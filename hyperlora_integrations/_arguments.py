@@ -107,3 +107,45 @@ def model_from(value: Any, owner: str) -> HyperLoRAModel:
     if isinstance(inner, HyperLoRAModel):  # a ChatHyperLoRA or HyperLoRALLM
         return inner
     raise InvalidInputError(f"{owner} needs a HyperLoRAModel or a base model name/path, got {type(value).__name__}")
+
+
+def sort_constructor_arguments(
+    owner: str, cls: type, values: dict[str, Any], aliases: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """LangChain's convention for constructor keywords of a pydantic class that are not fields.
+
+    ``aliases`` (Hugging Face names such as ``max_new_tokens``) map to their field; a generation
+    argument the core decoder accepts moves to ``model_kwargs`` with a warning (as
+    ``langchain_core``'s ``_build_model_kwargs`` does); any other unknown keyword, typically a
+    misspelt field (``temprature``), raises ``TypeError`` naming the closest field.
+    """
+    import warnings
+
+    aliases = aliases or {}
+    values = dict(values)
+    for alias, name in aliases.items():
+        if alias in values:
+            if name in values:
+                raise TypeError(f"{owner}: pass {name} or {alias}, not both")
+            values[name] = values.pop(alias)
+    fields = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+    extra = dict(values.get("model_kwargs") or {})
+    for key in list(values):
+        if key in fields:
+            continue
+        if not is_generation_name(key):
+            raise unexpected(owner, [key], [*fields, *aliases])
+        if key in extra:
+            raise TypeError(f"{owner}: {key} given both directly and in model_kwargs")
+        warnings.warn(
+            f"{key} is not a {owner} field; it was transferred to model_kwargs and is passed to "
+            "every call. Please confirm that it is what you intended.",
+            stacklevel=5,
+        )
+        extra[key] = values.pop(key)
+    for key in [k for k in extra if k in fields or k in aliases]:
+        raise TypeError(f"{owner}: pass {key} directly, not in model_kwargs")
+    if extra:
+        check_generation_kwargs(owner, extra, fields)
+        values["model_kwargs"] = extra
+    return values

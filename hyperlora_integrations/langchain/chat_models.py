@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -48,7 +47,13 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator  # noqa: E402
 
-from .._arguments import check_generation_kwargs, is_generation_name, shared_model, unexpected  # noqa: E402
+from .._arguments import (  # noqa: E402
+    check_generation_kwargs,
+    is_generation_name,
+    shared_model,
+    sort_constructor_arguments,
+    unexpected,
+)
 from ..adapters.corpus import ReferenceResolver  # noqa: E402
 from ..adapters.references import strip_references  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
@@ -66,42 +71,6 @@ _SAMPLING_KEYS = ("temperature", "max_tokens", "top_p", "seed", "timeout")
 _IGNORED_KEYS = ("stream", "stream_usage", "strict", "ls_structured_output_format", "structured_output_format")
 # Hugging Face names of fields, accepted as aliases (``max_new_tokens=`` is ``max_tokens=``).
 _ALIASES = {"max_new_tokens": "max_tokens"}
-
-
-def _sort_constructor_arguments(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """LangChain's convention for constructor keywords that are not fields.
-
-    HF aliases map to their field; a generation argument the core decoder accepts moves to
-    ``model_kwargs`` with a warning (as ``langchain_core``'s ``_build_model_kwargs`` does); any
-    other unknown keyword, typically a misspelt field (``temprature``), raises ``TypeError``.
-    """
-    values = dict(values)
-    for alias, name in _ALIASES.items():
-        if alias in values:
-            if name in values:
-                raise TypeError(f"ChatHyperLoRA: pass {name} or {alias}, not both")
-            values[name] = values.pop(alias)
-    fields = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-    extra = dict(values.get("model_kwargs") or {})
-    for key in list(values):
-        if key in fields:
-            continue
-        if not is_generation_name(key):
-            raise unexpected("ChatHyperLoRA", [key], [*fields, *_ALIASES])
-        if key in extra:
-            raise TypeError(f"ChatHyperLoRA: {key} given both directly and in model_kwargs")
-        warnings.warn(
-            f"{key} is not a ChatHyperLoRA field; it was transferred to model_kwargs and is passed to "
-            "every call. Please confirm that it is what you intended.",
-            stacklevel=4,
-        )
-        extra[key] = values.pop(key)
-    for key in [k for k in extra if k in fields or k in _ALIASES]:
-        raise TypeError(f"ChatHyperLoRA: pass {key} directly, not in model_kwargs")
-    if extra:
-        check_generation_kwargs("ChatHyperLoRA", extra, fields)
-        values["model_kwargs"] = extra
-    return values
 
 
 def _load_model(base_model: str | None, d2l: str | None, t2l: str | None) -> HyperLoRAModel:
@@ -233,7 +202,7 @@ class ChatHyperLoRA(BaseChatModel):
         if isinstance(values, dict) and isinstance(values.get("model"), str):
             values = {**values, "model_name": values["model"], "model": None}
         if isinstance(values, dict):
-            values = _sort_constructor_arguments(cls, values)
+            values = sort_constructor_arguments("ChatHyperLoRA", cls, values, _ALIASES)
         return values
 
     @model_validator(mode="after")
