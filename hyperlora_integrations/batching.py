@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HyperLoRAError, InvalidInputError
-from .generation import Chunk, TextAssembler, TokenPicker
+from .generation import Chunk, TextAssembler, TokenPicker, last_logits_only
 from .lora.adapter import Adapter
 from .processors import SamplingParams
 
@@ -180,6 +180,7 @@ class BatchScheduler:
         p = next(model.model.parameters())
         self._device = p.device
         self._vocab = int(model.model.config.get_text_config().vocab_size)
+        self._extra = last_logits_only(model.model)
         self._slots = SlotTable(model.injector.num_layers, p.dtype, p.device)
         self._cond = threading.Condition()
         self._pending: deque[_Row] = deque()
@@ -290,7 +291,9 @@ class BatchScheduler:
             return
         try:
             with torch.no_grad(), row.scope():
-                out = self.model.model(input_ids=torch.tensor([row.prompt_ids], device=self._device), use_cache=True)
+                out = self.model.model(
+                    input_ids=torch.tensor([row.prompt_ids], device=self._device), use_cache=True, **self._extra
+                )
             token, finish = row.picker.pick(out.logits[0, -1])
             self._check_cache(out.cache)
         except Exception as exc:
@@ -363,7 +366,7 @@ class BatchScheduler:
         index = torch.tensor([row.slot for row in rows], device=self._device)
         scope = (
             self.model.injector.activate_weights(slots.A, slots.B, index)
-            if slots.A
+            if any(row.scope.A is not None for row in rows)  # else the bare model: no LoRA work at all
             else self.model.injector.activate(())
         )
         try:

@@ -184,6 +184,19 @@ def chunks_from_tokens(
     )
 
 
+def last_logits_only(model: PreTrainedModel) -> dict:
+    """``logits_to_keep=1`` where the model takes it (as ``generate()`` does): a prefill then
+    projects only its last position onto the vocabulary instead of every prompt position.
+    Both decoding paths use it, so their prefill logits are computed the same way."""
+    import inspect
+
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": 1} if takes else {}
+
+
 class _SoloTokens:
     """``(token, finish_reason)`` pairs of one request decoded alone, one forward pass per token."""
 
@@ -201,9 +214,10 @@ class _SoloTokens:
         device = next(model.parameters()).device
         past = None
         step_input = torch.tensor([prompt_ids], device=device)
+        extra = last_logits_only(model)
         while True:
             with torch.no_grad(), scope():
-                out = model(input_ids=step_input, cache=past, use_cache=True)
+                out = model(input_ids=step_input, cache=past, use_cache=True, **extra)
             past = out.cache
             token, finish = picker.pick(out.logits[0, -1])
             yield token, finish
