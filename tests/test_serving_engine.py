@@ -259,7 +259,7 @@ def test_cli_lists_the_commands_and_refuses_bad_options_before_starting_ray(tmp_
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "serve " in out and "ingest " in out
+    assert "serve" in out and "ingest" in out
     assert ingest_main([str(tmp_path / "missing"), "--store", str(tmp_path / "s")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert serve_main(["--store", str(tmp_path / "s"), "--namespace", "bad/ns"]) == 2
