@@ -168,7 +168,8 @@ def _tiny_store() -> AdapterStore:
 
 
 def _tiny_retriever(**kwargs: Any) -> HyperLoRARetriever:
-    return HyperLoRARetriever.from_documents(DOCS, model=tiny_model(), store=_tiny_store(), **kwargs)
+    # consolidate=False: the suite checks retriever behaviour; consolidation has its own tests
+    return HyperLoRARetriever.from_documents(DOCS, model=tiny_model(), store=_tiny_store(), consolidate=False, **kwargs)
 
 
 class TestHyperLoRARetriever(RetrieversIntegrationTests):
@@ -201,7 +202,7 @@ class TestChatHyperLoRAIntegrationReal(_Capabilities, _format_xfails(REAL_MODEL_
 
 
 def _real_retriever(**kwargs: Any) -> HyperLoRARetriever:
-    return HyperLoRARetriever.from_documents(DOCS, model=real_model(), store=_real_store(), **kwargs)
+    return HyperLoRARetriever.from_documents(DOCS, model=real_model(), store=_real_store(), consolidate=False, **kwargs)
 
 
 @functools.cache

@@ -58,7 +58,7 @@ def test_internalized_query_engine_carries_the_document(real_model, monkeypatch)
     from hyperlora_integrations.llama_index import InternalizedIndex
 
     need(real_model, "d2l")
-    index = InternalizedIndex.from_documents([Document(text=DOC)], model=real_model)
+    index = InternalizedIndex.from_documents([Document(text=DOC)], model=real_model, consolidate=False)  # instant path
     spy = CoreCallSpy().install(monkeypatch, real_model)
     response = index.as_query_engine(similarity_top_k=1, llm=index.bound_llm(max_new_tokens=24)).query(QUESTION)
     call = spy.calls[-1]
