@@ -44,7 +44,10 @@ RANDOM_MODEL_XFAILS = {
     "test_unicode_tool_call_integration": "the customer name must copy the prompt's Chinese characters; "
     "a random model writes random text",
 }
-REAL_MODEL_XFAILS: dict[str, str] = {}
+REAL_MODEL_XFAILS = {
+    "test_agent_loop": "tool_choice is auto, so calling is the model's decision: SmolLM2-135M answers 'The weather "
+    "in San Francisco, CA, is mostly sunny with a high of 88°F ...' in text instead of calling get_weather",
+}
 
 
 @functools.cache
