@@ -205,3 +205,26 @@ def test_consolidate_cli_checks_its_input_before_loading_a_model(tmp_path, capsy
     assert cli.main(["consolidate", "--file", str(tmp_path / "x.txt")]) == 2  # no --out
     err = capsys.readouterr().err
     assert "no store at" in err and "--out" in err
+
+
+def test_relative_score_cutoff_drops_far_weaker_documents(fresh_tiny_model):
+    from hyperlora_integrations.adapters.corpus import relative_cutoff
+    from hyperlora_integrations.langchain import HyperLoRARetriever
+
+    class H:
+        def __init__(self, score):
+            self.score = score
+
+    kept = relative_cutoff([H(10.0), H(6.0), H(4.9), H(1.0)], 0.5)
+    assert [h.score for h in kept] == [10.0, 6.0]
+    assert len(relative_cutoff([H(3.0), H(1.0)], None)) == 2
+    with pytest.raises(InvalidInputError):
+        relative_cutoff([], 1.5)
+    texts = [DOC, OTHER, "The Tarn Shelf is cold.", "Bright Ember was a telescope."]
+    retriever = HyperLoRARetriever.from_texts(texts, model=fresh_tiny_model, k=4, consolidate=False)
+    question = "Who founded the Varnholt Observatory in Haskmere in 1873, and what was its telescope?"
+    assert [d.page_content for d in retriever.invoke(question)][:1] and len(retriever.invoke(question)) == 1
+    everything = HyperLoRARetriever.from_texts(
+        texts, model=fresh_tiny_model, k=4, consolidate=False, relative_score_cutoff=None
+    )
+    assert len(everything.invoke(question)) > 1

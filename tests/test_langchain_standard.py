@@ -171,8 +171,11 @@ def _tiny_store() -> AdapterStore:
 
 
 def _tiny_retriever(**kwargs: Any) -> HyperLoRARetriever:
-    # consolidate=False: the suite checks retriever behaviour; consolidation has its own tests
-    return HyperLoRARetriever.from_documents(DOCS, model=tiny_model(), store=_tiny_store(), consolidate=False, **kwargs)
+    # consolidate=False, no relative cutoff: the suite checks the vector-store contract (k documents
+    # back); consolidation and the cutoff have their own tests
+    return HyperLoRARetriever.from_documents(
+        DOCS, model=tiny_model(), store=_tiny_store(), consolidate=False, relative_score_cutoff=None, **kwargs
+    )
 
 
 class TestHyperLoRARetriever(RetrieversIntegrationTests):
@@ -205,7 +208,9 @@ class TestChatHyperLoRAIntegrationReal(_Capabilities, _format_xfails(REAL_MODEL_
 
 
 def _real_retriever(**kwargs: Any) -> HyperLoRARetriever:
-    return HyperLoRARetriever.from_documents(DOCS, model=real_model(), store=_real_store(), consolidate=False, **kwargs)
+    return HyperLoRARetriever.from_documents(
+        DOCS, model=real_model(), store=_real_store(), consolidate=False, relative_score_cutoff=None, **kwargs
+    )
 
 
 @functools.cache

@@ -59,7 +59,9 @@ def test_from_documents_internalizes_each_document(index):
 
 
 def test_retriever_returns_references_not_text(index):
-    nodes = index.as_retriever(similarity_top_k=2, min_score=None).retrieve("Who commanded the vessel Halcyon?")
+    nodes = index.as_retriever(similarity_top_k=2, min_score=None, relative_score_cutoff=None).retrieve(
+        "Who commanded the vessel Halcyon?"
+    )
     assert len(nodes) == 2
     top = nodes[0]
     assert top.node.metadata["topic"] == "mirelle"
@@ -75,7 +77,7 @@ def test_retriever_returns_references_not_text(index):
 
 def test_query_engine_with_swapped_retriever(index, tiny_model, monkeypatch):
     """The user's RetrieverQueryEngine, unchanged except for retriever and llm."""
-    retriever = HyperLoRARetriever(index.corpus, similarity_top_k=2)
+    retriever = HyperLoRARetriever(index.corpus, similarity_top_k=2, relative_score_cutoff=None)
     llm = HyperLoRALLM(tiny_model, store=index.store, **SAMPLING)
     engine = RetrieverQueryEngine.from_args(retriever, llm=llm)
     question = "When is the Zorblax celebration in Quendor?"
@@ -103,7 +105,9 @@ def test_query_engine_with_swapped_retriever(index, tiny_model, monkeypatch):
 def test_other_response_modes_work_unchanged(index, tiny_model, monkeypatch, mode):
     """Modes that call the LLM once per node activate each node's adapter in its own call."""
     spy = CoreCallSpy().install(monkeypatch, tiny_model)
-    engine = index.as_query_engine(similarity_top_k=2, response_mode=mode, llm=index.bound_llm(**SAMPLING))
+    engine = index.as_query_engine(
+        similarity_top_k=2, relative_score_cutoff=None, response_mode=mode, llm=index.bound_llm(**SAMPLING)
+    )
     response = engine.query("Who commanded the Halcyon vessel near Quendor?")
     retrieved = [n.node.node_id for n in response.source_nodes]
     assert len(retrieved) == 2 and spy.calls
@@ -125,7 +129,9 @@ def test_stuffing_baseline_sends_text_where_internalized_does_not(index, tiny_mo
     llm = HyperLoRALLM(tiny_model, store=index.store, **SAMPLING)
     spy = CoreCallSpy().install(monkeypatch, tiny_model)
     RetrieverQueryEngine.from_args(TextRetriever(), llm=llm).query("When is the Zorblax celebration?")
-    RetrieverQueryEngine.from_args(index.as_retriever(min_score=None), llm=llm).query("When is the Zorblax celebration?")
+    RetrieverQueryEngine.from_args(index.as_retriever(min_score=None, relative_score_cutoff=None), llm=llm).query(
+        "When is the Zorblax celebration?"
+    )
     stuffed, internalized = (spy.prompt_text(i) for i in (0, 1))
     assert "ninth of March" in stuffed
     assert_no_document_text(internalized)
@@ -194,7 +200,10 @@ def test_delete_forgets_adapters(index):
     top = index.as_retriever(similarity_top_k=1).retrieve("Mount Vellic height")[0]
     index.delete([top.node.node_id])
     assert len(index) == 2
-    assert all(n.node.node_id != top.node.node_id for n in index.as_retriever(similarity_top_k=3).retrieve("Vellic"))
+    assert all(
+        n.node.node_id != top.node.node_id
+        for n in index.as_retriever(similarity_top_k=3, relative_score_cutoff=None).retrieve("Vellic")
+    )
 
 
 def test_transformations_split_documents(tiny_model):

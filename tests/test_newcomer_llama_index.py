@@ -40,9 +40,11 @@ def index(tiny_model):
 
 # ---------------------------------------------------------------- item 2: filters
 def test_retriever_filters_never_return_another_tenant(index):
-    nodes = index.as_retriever(similarity_top_k=2, filters=TENANT_A).retrieve("dog slept rug Oslo cat")
+    nodes = index.as_retriever(similarity_top_k=2, filters=TENANT_A, relative_score_cutoff=None).retrieve(
+        "dog slept rug Oslo cat"
+    )
     assert [n.metadata["tenant"] for n in nodes] == ["a"]
-    unfiltered = index.as_retriever(similarity_top_k=3).retrieve("dog slept rug Oslo cat")
+    unfiltered = index.as_retriever(similarity_top_k=3, relative_score_cutoff=None).retrieve("dog slept rug Oslo cat")
     assert {n.metadata["tenant"] for n in unfiltered} == {"a", "b"}
 
 

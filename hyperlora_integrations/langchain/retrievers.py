@@ -113,7 +113,7 @@ class HyperLoRARetriever(BaseRetriever):
     """Only documents scoring above this are returned (``None``: the top k whatever they score).
     The default drops documents that share no term with the query: activating an unrelated
     adapter changes the answer for nothing, unlike an unrelated passage in a stuffed prompt."""
-    relative_score_cutoff: float | None = None
+    relative_score_cutoff: float | None = 0.5
     """Drop documents scoring below this fraction of the best one (``None``: keep the top k).
     Unrelated adapters hurt more than unrelated passages do; see ``adapters.corpus.relative_cutoff``."""
     reference_ttl: float | None = 3600.0

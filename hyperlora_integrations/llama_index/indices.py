@@ -299,7 +299,7 @@ class InternalizedIndex:
         doc_ids: Sequence[str] | None = None,
         node_ids: Sequence[str] | None = None,
         min_score: float | None = 0.0,
-        relative_score_cutoff: float | None = None,
+        relative_score_cutoff: float | None = 0.5,
         **kwargs: Any,
     ) -> HyperLoRARetriever:
         """A retriever over this index, taking ``VectorIndexRetriever``'s arguments.

@@ -88,7 +88,7 @@ class HyperLoRARetriever(BaseRetriever):
         doc_ids: Sequence[str] | None = None,
         node_ids: Sequence[str] | None = None,
         min_score: float | None = 0.0,
-        relative_score_cutoff: float | None = None,
+        relative_score_cutoff: float | None = 0.5,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,
     ) -> None:
