@@ -132,8 +132,8 @@ def test_sampling_kwargs_per_call(llm, tiny_model):
 
 
 def test_bad_arguments_are_refused(llm):
-    with pytest.raises(TypeError, match="tools"):
-        llm.complete("hi", tools=[])
+    with pytest.raises(TypeError, match="tolls"):  # tools= is an argument now (function calling); a typo is not
+        llm.complete("hi", tolls=[])
     with pytest.raises(InvalidInputError):
         llm.complete("hi", max_new_tokens=0)
     with pytest.raises(InvalidInputError):
