@@ -199,7 +199,9 @@ class InternalizedCorpus:
         texts, metadatas = self._validated(texts, metadatas)
         ids = []
         queued = False
-        bar = tqdm(total=len(texts), desc="consolidating documents", unit="doc", disable=not (progress and mode == "now"))
+        bar = tqdm(
+            total=len(texts), desc="consolidating documents", unit="doc", disable=not (progress and mode == "now")
+        )
         for text, meta in zip(texts, metadatas, strict=True):
             existing = self.store.find_by_hash(content_hash(text), namespace=self.namespace)
             if existing is not None:
