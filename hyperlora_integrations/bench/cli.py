@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"LENGTH:N,... time condition 2 on only N questions at LENGTH (default {FULL_STUFF_QUERIES} in the full run)",
     )
     p.add_argument(
-        "--conditions", default=None, help="comma-separated subset of: none,stuff,stuff_kv,rag,d2l,d2l_rag,distill,consolidated"
+        "--conditions",
+        default=None,
+        help="comma-separated subset of: none,stuff,stuff_kv,rag,d2l,d2l_rag,distill,consolidated",
     )
     p.add_argument("--answer-tokens", type=int, default=16, help="fixed number of generated tokens per query")
     p.add_argument(
