@@ -224,15 +224,7 @@ class InternalizedCorpus:
                     self._put_instant(adapter_id, text, meta)
                 queued |= self._enqueue_consolidation(adapter_id, text, meta)
             elif background:
-                queued |= self.store.enqueue(
-                    "document",
-                    adapter_id,
-                    text,
-                    namespace=self.namespace,
-                    content_hash=content_hash(text),
-                    options={"source": str(meta.get("source", "")), "user_metadata": dict(meta)},
-                    fingerprint=self.model.fingerprint,
-                )
+                queued |= self._enqueue("document", adapter_id, text, meta)
             else:
                 self._put_instant(adapter_id, text, meta)
             self.index.add(adapter_id, text)
@@ -257,8 +249,11 @@ class InternalizedCorpus:
         self.store.put(adapter, namespace=self.namespace, text=text)
 
     def _enqueue_consolidation(self, adapter_id: str, text: str, meta: dict[str, Any]) -> bool:
+        return self._enqueue("consolidate", adapter_id, text, meta)
+
+    def _enqueue(self, kind: str, adapter_id: str, text: str, meta: dict[str, Any]) -> bool:
         return self.store.enqueue(
-            "consolidate",
+            kind,
             adapter_id,
             text,
             namespace=self.namespace,
