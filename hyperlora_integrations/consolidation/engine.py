@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..chat import check_text, encode_text
 from ..errors import DocumentTooLargeError, EmptyDocumentError, InvalidInputError
-from ..lora import Adapter, AdapterMetadata, compress, concat, content_hash
+from ..lora import Adapter, AdapterMetadata, compress, concat
 from .config import ConsolidationConfig
 from .targets import Example, build_examples, schedule
 from .trainer import fit
@@ -140,13 +140,11 @@ def consolidate(
         per_rank = combined.nbytes / combined.rank
         combined = compress(combined, max(1, int(config.max_bytes // per_rank)))
     losses = [r.losses for r in summaries]
-    meta = AdapterMetadata(
-        kind="document",
-        source=source,
-        description=" ".join(text[:200].split()),
+    meta = AdapterMetadata.for_document(
+        text,
         base_model=model.name,
         base_fingerprint=model.fingerprint,
-        content_hash=content_hash(text),
+        source=source,
         num_tokens=n_tokens,
         num_chunks=len(chunks),
         consolidated=True,

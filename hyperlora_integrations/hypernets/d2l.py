@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..chat import context_prefix, encode_text
 from ..encoders.activations import chunk_ids, document_activations
 from ..errors import DocumentTooLargeError, EmptyDocumentError, InvalidInputError
-from ..lora import Adapter, AdapterMetadata, concat, content_hash
+from ..lora import Adapter, AdapterMetadata, concat
 from .base import Hypernetwork
 from .blocks import CrossAttention, LoRAHead
 from .config import D2LConfig
@@ -162,13 +162,11 @@ class DocToLoRA(Hypernetwork):
         if self.config.center_bank:
             A, B = self.centering(scale * len(chunks))
             parts.append(Adapter({k: v.detach() for k, v in A.items()}, {k: v.detach() for k, v in B.items()}))
-        meta = AdapterMetadata(
-            kind="document",
-            source=source,
-            description=" ".join(text[:200].split()),
+        meta = AdapterMetadata.for_document(
+            text,
             base_model=model.name,
             base_fingerprint=model.fingerprint,
-            content_hash=content_hash(text),
+            source=source,
             num_tokens=len(ids),
             num_chunks=len(chunks),
         )

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BaseModelMismatchError, DocumentTooLargeError, EmptyDocumentError, InvalidInputError
-from ..lora import Adapter, AdapterMetadata, content_hash
+from ..lora import Adapter, AdapterMetadata
 from .base import Hypernetwork
 from .config import HypernetConfig
 from .sakana_templates import Family, document_ids, split_chunks
@@ -364,13 +364,11 @@ class SakanaDocToLoRA(Hypernetwork):
             A, B = self(acts[None].to(self.dtype))
             parts.append(({m: a[0] for m, a in A.items()}, {m: b[0] for m, b in B.items()}))
         A, B = self.combine(parts, bias_scaler)
-        meta = AdapterMetadata(
-            kind="document",
-            source=source,
-            description=" ".join(text[:200].split()),
+        meta = AdapterMetadata.for_document(
+            text,
             base_model=model.name,
             base_fingerprint=model.fingerprint,
-            content_hash=content_hash(text),
+            source=source,
             num_tokens=sum(len(c) for c in chunks),
             num_chunks=len(chunks),
             generator="sakana-d2l",

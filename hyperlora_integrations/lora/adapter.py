@@ -48,6 +48,19 @@ class AdapterMetadata(BaseModel):
     created_at: str = Field(default_factory=_now)
     content_hash: str = ""  # sha256 of the source text: the same document is not internalized twice
 
+    @classmethod
+    def for_document(cls, text: str, *, base_model: str, base_fingerprint: str, source: str = "", **extra):
+        """A document adapter's metadata: one definition for internalize, consolidate and imports."""
+        return cls(
+            kind="document",
+            source=source,
+            description=" ".join(text[:200].split()),
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+            content_hash=content_hash(text),
+            **extra,
+        )
+
 
 class Adapter:
     """LoRA A/B per target module and layer, a scaling, and metadata.
