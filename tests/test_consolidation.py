@@ -54,7 +54,13 @@ def test_loss_decreases_and_result_is_deterministic(fresh_tiny_model):
 
 def test_layer_limit_and_warm_start(fresh_tiny_model):
     model = fresh_tiny_model
-    top = model.consolidate(DOC, config=FAST.model_copy(update={"layers": 1}))
+    seen = []
+    hook = model.model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0].requires_grad))
+    try:
+        top = model.consolidate(DOC, config=FAST.model_copy(update={"layers": 1}))
+    finally:
+        hook.remove()
+    assert seen and not any(seen)  # no graph (so no backward) below the trained layer
     assert torch.count_nonzero(top.B["down_proj"][0]) == 0  # the lower layer never trained
     assert torch.count_nonzero(top.B["down_proj"][1]) > 0
     instant = model.internalize(DOC)
@@ -62,6 +68,33 @@ def test_layer_limit_and_warm_start(fresh_tiny_model):
     assert warm.metadata.model_extra["consolidation"]["init"] == "instant"
     assert warm.rank == instant.rank
     assert not torch.equal(warm.folded()[1]["down_proj"], instant.folded()[1]["down_proj"])
+
+
+def test_per_layer_weights_match_stacked_ones_and_keep_autograd_out_of_frozen_layers(tiny_model):
+    """Top-N training hands the hooks per-layer lists: same output as stacked tensors, and no
+    graph below the trained layers (the point of ``layers=``: backward stops there)."""
+    model = tiny_model
+    adapter = model.internalize(DOC)
+    folded_a, folded_b = adapter.folded()
+    A, B = folded_a["down_proj"], folded_b["down_proj"]
+    ids = torch.tensor([model.encode([{"role": "user", "content": "Where is Haskmere?"}])])
+    with torch.no_grad(), model.injector.activate_weights({"down_proj": A}, {"down_proj": B}):
+        stacked = model.model(input_ids=ids).logits
+    with torch.no_grad(), model.injector.activate_weights({"down_proj": list(A)}, {"down_proj": list(B)}):
+        listed = model.model(input_ids=ids).logits
+    torch.testing.assert_close(listed, stacked)
+    top_a = A[-1].clone().requires_grad_(True)
+    seen = []
+    hook = model.model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0].requires_grad))
+    try:
+        with (
+            torch.enable_grad(),
+            model.injector.activate_weights({"down_proj": [*A[:-1], top_a]}, {"down_proj": list(B)}),
+        ):
+            model.model(input_ids=ids).logits.sum().backward()
+    finally:
+        hook.remove()
+    assert seen == [False] and top_a.grad is not None and top_a.grad.abs().sum() > 0
 
 
 def test_bad_input_is_refused(tiny_model):

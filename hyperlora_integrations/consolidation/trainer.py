@@ -88,6 +88,19 @@ def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tupl
     return ids.to(device), labels.to(device), first
 
 
+def _per_layer(A_low, B_low, A_train, B_train, scaling: float):
+    """Per-layer A/B lists for the hooks: frozen layers below (``None`` where their B is zero,
+    so they cost nothing), trained ones above. Separate tensors keep autograd out of the frozen
+    layers: a step then backpropagates through the top layers only."""
+    A, B = {}, {}
+    for k in A_train:
+        low = [None if not b.any() else (a, b * scaling) for a, b in zip(A_low[k], B_low[k], strict=True)]
+        top = list(zip(A_train[k], B_train[k] * scaling, strict=True))
+        A[k] = [p[0] if p else None for p in low + top]
+        B[k] = [p[1] if p else None for p in low + top]
+    return A, B
+
+
 def fit(
     model: HyperLoRAModel,
     sequences: Sequences,
@@ -126,8 +139,7 @@ def fit(
             raise ConsolidationInterrupted(f"stopped after {step} of {config.steps} steps")
         rows = [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
         ids, labels, keep_from = _batch(rows, pad_id, device)
-        A = {k: torch.cat([A_low[k], A_train[k]]) for k in A_train}
-        B = {k: torch.cat([B_low[k], B_train[k]]) * scaling for k in B_train}
+        A, B = _per_layer(A_low, B_low, A_train, B_train, scaling)
         with torch.enable_grad(), model.injector.activate_weights(A, B):
             # Logits only where targets are: the vocabulary projection is a fifth of the model.
             keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)

@@ -28,7 +28,9 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class LoRAWeights:
     """What the hooks read: per module, A ``(..., L, R, d_in)`` and B ``(..., L, d_out, R)``.
 
-    Scaling is already folded into B. A leading batch dimension lets each sequence of a batch
+    A and B may also be per-layer lists (``None`` for a layer without a delta): consolidation
+    trains only the top layers, and slices of one grad-carrying tensor would make autograd
+    record (and backpropagate through) every layer below them. Scaling is already folded into B. A leading batch dimension lets each sequence of a batch
     carry its own adapter (used in training, where every document has its own).
 
     ``index`` (a long tensor, one entry per batch row) makes the leading dimension a table of
@@ -38,8 +40,8 @@ class LoRAWeights:
     """
 
     owner: int
-    A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
+    A: dict[str, torch.Tensor | Sequence[torch.Tensor | None]]
+    B: dict[str, torch.Tensor | Sequence[torch.Tensor | None]]
     index: torch.Tensor | None = None
 
 
@@ -89,8 +91,13 @@ class LoRAInjector:
             a = state.A.get(short)
             if a is None:
                 return None
-            a_l = a[..., layer, :, :]
-            b_l = state.B[short][..., layer, :, :]
+            if isinstance(a, (list, tuple)):  # per-layer tensors; None where a layer has none
+                a_l, b_l = a[layer], state.B[short][layer]
+                if a_l is None:
+                    return None
+            else:
+                a_l = a[..., layer, :, :]
+                b_l = state.B[short][..., layer, :, :]
             if state.index is not None:  # slot table -> one (R, d) pair per row
                 a_l = a_l.index_select(0, state.index)
                 b_l = b_l.index_select(0, state.index)
@@ -162,7 +169,10 @@ class LoRAInjector:
 
     @contextmanager
     def activate_weights(
-        self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], index: torch.Tensor | None = None
+        self,
+        A: dict[str, torch.Tensor | Sequence[torch.Tensor | None]],
+        B: dict[str, torch.Tensor | Sequence[torch.Tensor | None]],
+        index: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Lower-level activation of raw (possibly batched, grad-carrying) A/B with scaling folded in.
 

@@ -284,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--studies", default="main", help="comma-separated: main, retrieval, swap (default main)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument(
+        "--cutoffs", default="0.5", help="retrieval study: relative score cutoffs to try with k=4, e.g. 0.5,0.7"
+    )
+    p.add_argument(
         "--generate-conditions", default=None, help="answer greedily only under these, e.g. none,context,consolidated"
     )
     p.add_argument(
@@ -353,7 +356,10 @@ def main(argv=None) -> dict:
             for doc in tqdm(docs, desc="consolidating", unit="doc")
         ]
     if "retrieval" in studies:
-        result["retrieval"] = retrieval_study(model, docs, adapters, max_new_tokens=args.max_new_tokens)
+        cutoffs = tuple(float(c) for c in args.cutoffs.split(","))
+        result["retrieval"] = retrieval_study(
+            model, docs, adapters, cutoffs=cutoffs, max_new_tokens=args.max_new_tokens
+        )
         print(json.dumps(result["retrieval"]["summary"], indent=1))
     if "swap" in studies:
         result["swap"] = swap_study(model, docs, adapters, max_new_tokens=args.max_new_tokens)

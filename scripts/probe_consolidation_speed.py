@@ -1,0 +1,72 @@
+"""Where consolidation's time goes, and what a config change saves (a probe, not a benchmark).
+
+Consolidates one ~512-token text (fictional dev documents joined, never the test split) under
+several configs in one process and prints seconds, steps/s and target tokens per step for each.
+The benchmark (`hyperlora bench --conditions consolidated`) is where the claim is measured.
+
+    python scripts/probe_consolidation_speed.py --threads 2 --variants default,layers=8,layers=12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from hyperlora_integrations import HyperLoRAModel
+from hyperlora_integrations.chat import encode_text
+from hyperlora_integrations.consolidation import ConsolidationConfig
+from hyperlora_integrations.training.eval_fictional import load_fixture
+
+
+def text_of(model: HyperLoRAModel, tokens: int) -> str:
+    parts, n = [], 0
+    for doc in load_fixture("dev"):
+        if n >= tokens:
+            break
+        parts.append(doc["text"])
+        n += len(encode_text(model.tokenizer, doc["text"]))
+    return "\n\n".join(parts)
+
+
+def variant(spec: str) -> ConsolidationConfig:
+    update = {}
+    for part in filter(None, spec.split("+")):
+        if part == "default":
+            continue
+        key, value = part.split("=")
+        update[key] = int(value) if value.isdigit() else float(value)
+    return ConsolidationConfig(**update)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--variants", default="default,layers=8")
+    p.add_argument("--steps", type=int, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = HyperLoRAModel.from_pretrained()
+    text = text_of(model, args.tokens)
+    print(f"text: {len(encode_text(model.tokenizer, text))} tokens")
+    model.consolidate("Warm-up sentence about nothing in particular.", steps=1, progress=False)
+    out = {}
+    for spec in args.variants.split(","):
+        config = variant(spec)
+        t0 = time.perf_counter()
+        adapter = model.consolidate(text, config=config, steps=args.steps, progress=False)
+        seconds = time.perf_counter() - t0
+        summary = adapter.metadata.model_extra["consolidation"]
+        out[spec] = {
+            "seconds": round(seconds, 1),
+            "loss_first": summary["loss_first"],
+            "loss_last": summary["loss_last"],
+        }
+        print(spec, json.dumps(out[spec]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
