@@ -22,12 +22,13 @@ from hyperlora_integrations.training.eval_fictional import load_fixture
 
 
 def text_of(model: HyperLoRAModel, tokens: int) -> str:
-    parts, n = [], 0
+    """Whole dev documents, as many as fit in ``tokens`` (one consolidation chunk at 512)."""
+    parts: list[str] = []
     for doc in load_fixture("dev"):
-        if n >= tokens:
+        candidate = "\n\n".join([*parts, doc["text"]])
+        if len(encode_text(model.tokenizer, candidate)) > tokens:
             break
         parts.append(doc["text"])
-        n += len(encode_text(model.tokenizer, doc["text"]))
     return "\n\n".join(parts)
 
 

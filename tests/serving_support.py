@@ -85,6 +85,9 @@ def start_local_ray(num_cpus: int = 2, attempts: int = 3):
 
     import ray
 
+    from hyperlora_integrations.serving._ray import ray_environment
+
+    ray_environment()
     for attempt in range(attempts):
         before = _children()
         try:
