@@ -4,7 +4,7 @@ Consolidates one ~512-token text (fictional dev documents joined, never the test
 several configs in one process and prints seconds, steps/s and target tokens per step for each.
 The benchmark (`hyperlora bench --conditions consolidated`) is where the claim is measured.
 
-    python scripts/probe_consolidation_speed.py --threads 2 --variants default,layers=8,layers=12
+    python scripts/probe_consolidation_speed.py --threads 2 --variants default,layers=none,layers=12
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def variant(spec: str) -> ConsolidationConfig:
         if part == "default":
             continue
         key, value = part.split("=")
-        update[key] = int(value) if value.isdigit() else float(value)
+        update[key] = None if value == "none" else int(value) if value.isdigit() else float(value)
     return ConsolidationConfig(**update)
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--variants", default="default,layers=8")
+    p.add_argument("--variants", default="default,layers=none")
     p.add_argument("--steps", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,6 +65,7 @@ def main() -> None:
             "seconds": round(seconds, 1),
             "loss_first": summary["loss_first"],
             "loss_last": summary["loss_last"],
+            "cached": summary["frozen_layers_cached"],
         }
         print(spec, json.dumps(out[spec]), flush=True)
 

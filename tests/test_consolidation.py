@@ -97,6 +97,31 @@ def test_per_layer_weights_match_stacked_ones_and_keep_autograd_out_of_frozen_la
     assert seen == [False] and top_a.grad is not None and top_a.grad.abs().sum() > 0
 
 
+def test_frozen_layers_run_once_per_sequence_and_change_nothing(fresh_tiny_model, monkeypatch):
+    from hyperlora_integrations.consolidation import frozen, trainer
+
+    model = fresh_tiny_model
+    config = FAST.model_copy(update={"layers": 1})
+    calls = []
+    layer0 = model.model.model.layers[0]
+    hook = layer0.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    fits = []
+    real_fit = trainer.fit
+    monkeypatch.setattr(
+        "hyperlora_integrations.consolidation.engine.fit", lambda *a, **k: fits.append(real_fit(*a, **k)) or fits[-1]
+    )
+    try:
+        cached = model.consolidate(DOC, config=config, seed=2)
+    finally:
+        hook.remove()
+    assert fits[-1].cached
+    assert sum(calls) < config.steps * config.batch_size  # each distinct sequence once, not every step
+    monkeypatch.setattr(frozen, "MAX_CACHE_BYTES", 0)  # too big to cache: plain full forwards
+    plain = model.consolidate(DOC, config=config, seed=2)
+    assert not fits[-1].cached
+    torch.testing.assert_close(cached.B["down_proj"], plain.B["down_proj"], atol=1e-4, rtol=1e-3)
+
+
 def test_bad_input_is_refused(tiny_model):
     with pytest.raises(EmptyDocumentError):
         tiny_model.consolidate("   \n ")

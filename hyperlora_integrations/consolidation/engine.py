@@ -155,6 +155,7 @@ def consolidate(
             "loss_last": round(sum(sum(curve[-5:]) / len(curve[-5:]) for curve in losses) / len(losses), 4),
             "stopped": "time_budget" if any(r.stopped == "time_budget" for r in summaries) else "steps",
             "init": "instant" if adapter is not None and len(chunks) == 1 else "zero",
+            "frozen_layers_cached": all(r.cached for r in summaries),
             "seed": seed,
             "config": config.model_dump(mode="json"),
         },

@@ -19,6 +19,7 @@ import torch
 from ..errors import InvalidInputError
 from ..lora import Adapter
 from .config import ConsolidationConfig
+from .frozen import FrozenPrefix
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -40,6 +41,7 @@ class FitResult:
     steps: int = 0
     seconds: float = 0.0
     stopped: str = "steps"  # "steps" | "time_budget"
+    cached: bool = False  # the frozen layers ran once per sequence (frozen.py)
 
 
 def _init(
@@ -51,7 +53,7 @@ def _init(
     start: A small and random, B zero, so step 0 is the bare model.
     """
     L = model.injector.num_layers
-    first = L - (config.layers or L)
+    first = max(0, L - (config.layers or L))  # a model with fewer layers trains them all
     A, B = {}, {}
     if init is not None:
         fa, fb = init.folded()
@@ -134,6 +136,9 @@ def fit(
     scaling = config.scaling if init is None else 1.0  # an init adapter's scaling is folded already
     result = FitResult(A={}, B={})
     n = len(sequences)
+    with torch.no_grad(), model.injector.activate_weights(*_per_layer(A_low, B_low, A_train, B_train, scaling)):
+        frozen = FrozenPrefix.build(model, sequences, first, pad_id)
+    result.cached = frozen is not None
     for step in range(config.steps):
         if should_stop is not None and should_stop():
             raise ConsolidationInterrupted(f"stopped after {step} of {config.steps} steps")
@@ -143,7 +148,10 @@ def fit(
         with torch.enable_grad(), model.injector.activate_weights(A, B):
             # Logits only where targets are: the vocabulary projection is a fifth of the model.
             keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
-            logits = model.model(input_ids=ids, logits_to_keep=keep).logits
+            if frozen is not None:  # the frozen layers' output is cached: run the top ones only
+                logits = frozen.logits(frozen.hidden(rows), keep)
+            else:
+                logits = model.model(input_ids=ids, logits_to_keep=keep).logits
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels[:, keep_from + 1 :].reshape(-1)
             )

@@ -275,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N documents only")
     p.add_argument("--base-model", default=None, help="HF id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="train only the top N layers")
+    p.add_argument("--layers", default=None, help="train only the top N layers ('all': every layer)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--objective", default=None, help="kind weights, e.g. recite=1,continuation=1,fact=0.5,cloze=1")
     p.add_argument("--no-generate", action="store_true")
@@ -307,7 +307,7 @@ def config_from_args(args) -> ConsolidationConfig:
     if args.steps is not None:
         update["steps"] = args.steps
     if args.layers is not None:
-        update["layers"] = args.layers
+        update["layers"] = None if args.layers == "all" else int(args.layers)
     if args.lr is not None:
         update["lr"] = args.lr
     if args.objective:
