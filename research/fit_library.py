@@ -11,20 +11,19 @@ by their weight deltas ``B @ A`` (``lora.delta_sq_distance``), never factor by f
 Held-out tasks are fitted only on examples after the ones ``hyperlora eval t2l`` scores, and
 only for analysis: reconstruction training never reads them.
 
-    python -m hyperlora_integrations.training.fit_library --split train --threads 2 --out runs/t2l-library
-    python -m hyperlora_integrations.training.fit_library --split held --threads 2 --out runs/t2l-library
+    python -m research.fit_library --split train --threads 2 --out runs/t2l-library
+    python -m research.fit_library --split held --threads 2 --out runs/t2l-library
 
 Two files per task: ``<task>.safetensors`` (an ``Adapter``) and ``<task>.json`` (split, kind,
-fit losses). A rerun skips tasks already fitted, so an interrupted run resumes, and
-``--shard i/n`` splits the tasks over processes (two one-thread processes fit faster than one
-two-thread process on this CPU).
+fit losses), in the format of ``hyperlora_integrations.training.library``, which
+``train t2l --reconstruct`` reads. A rerun skips tasks already fitted, so an interrupted run
+resumes, and ``--shard i/n`` splits the tasks over processes (two one-thread processes fit
+faster than one two-thread process on this CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -32,12 +31,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..lora import Adapter
-from ..model import HyperLoRAModel
-from . import train_t2l
-from .probe_oracle import FittedAdapter
-from .tasks import Example, Task, load_tasks, split
-from .train_t2l import sft_loss
+from hyperlora_integrations.lora import Adapter
+from hyperlora_integrations.model import HyperLoRAModel
+from hyperlora_integrations.training import train_t2l
+from hyperlora_integrations.training.library import FittedAdapter, file_name, save_fit
+from hyperlora_integrations.training.tasks import Example, Task, load_tasks, split
+from hyperlora_integrations.training.train_t2l import sft_loss
 
 
 def fit_task(
@@ -74,103 +73,10 @@ def fit_task(
     return fit.adapter(), {"first5": sum(losses[:k]) / k, "last5": sum(losses[-k:]) / k}
 
 
-@torch.no_grad()
-def input_gram(model: HyperLoRAModel, examples: list[Example], modules: list[str], args) -> dict[str, torch.Tensor]:
-    """``E[x x']`` of each target module's input per layer, over the tokens of ``examples``
-    (prompt and target, as the SFT loss sees them): ``{module: (L, d_in, d_in)}``."""
-    sums: dict[tuple[str, int], torch.Tensor] = {}
-    count = 0
-    keep: list[torch.Tensor] = []
-
-    def hook_for(key):
-        def hook(module, inputs, output):
-            x = inputs[0][keep[0]].double()
-            sums[key] = sums.get(key, 0) + x.T @ x
-
-        return hook
-
-    handles = [
-        t.module.register_forward_hook(hook_for(key)) for key, t in model.injector.targets.items() if key[0] in modules
-    ]
-    try:
-        for i in tqdm(range(0, len(examples), 8), desc="input second moments", unit="batch"):
-            ids, mask, _labels = train_t2l.sft_batch(model, examples[i : i + 8], args)
-            keep[:] = [mask.bool()]
-            model.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            count += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    layers = model.injector.num_layers
-    return {m: torch.stack([sums[(m, layer)] / count for layer in range(layers)]).float() for m in modules}
-
-
-def gram_root(gram: torch.Tensor, k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S (L, d_in, k), tail (L,))`` with ``gram ~= S S' + tail I`` per layer.
-
-    The top ``k`` eigen-directions are kept exactly and the rest is treated as isotropic at their
-    mean eigenvalue, so the activation-weighted distance costs two rank-``k`` products instead of
-    one ``d_in x d_in`` one per adapter row. Exact when ``k == d_in``.
-    """
-    vals, vecs = torch.linalg.eigh(gram.double())  # ascending
-    vals, vecs = vals.clamp_min(0).flip(-1), vecs.flip(-1)
-    k = min(k, vals.shape[-1])
-    rest = vals[..., k:]
-    tail = rest.mean(-1) if rest.shape[-1] else torch.zeros_like(vals[..., 0])
-    root = vecs[..., :k] * (vals[..., None, :k] - tail[..., None, None]).clamp_min(0).sqrt()
-    return root.float(), tail.float()
-
-
-def library_gram(folder: Path, model: HyperLoRAModel, tasks: list[Task], modules: list[str], args) -> dict:
-    """The input second moments of the library's training tasks (2 examples each), cached in
-    ``folder/gram-<key>.safetensors``.
-
-    The key names the task set, the modules and the input cut, so a library that grew (or a
-    run over part of it) never reads second moments of another task set. Tasks are visited in
-    name order, so the same set gives the same moments whichever caller computes them first.
-    """
-    from safetensors.torch import load_file, save_file
-
-    tasks = sorted(tasks, key=lambda t: t.name)
-    spec = {"tasks": [t.name for t in tasks], "modules": sorted(modules), "max_input_tokens": args.max_input_tokens}
-    key = hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]
-    path = Path(folder) / f"gram-{key}.safetensors"
-    if path.exists():
-        return load_file(str(path))
-    rng = random.Random(0)
-    examples = [ex for t in tasks for ex in rng.sample(t.examples, min(2, len(t.examples)))]
-    gram = input_gram(model, examples, modules, args)
-    save_file({m: g.contiguous() for m, g in gram.items()}, str(path), metadata={"spec": json.dumps(spec)})
-    return gram
-
-
-def file_name(task_name: str, suffix: str = ".safetensors") -> str:
-    return task_name.replace("/", "__") + suffix
-
-
 def fit_pool(task: Task, held_out: bool, args) -> list[Example]:
     """Examples a fit may use: for held-out tasks only those after the evaluated ones."""
     skip = (args.eval_mc if task.kind == "mc" else args.eval_gen) if held_out else 0
     return task.examples[skip : skip + args.fit_examples]
-
-
-def save_fit(folder: Path, task: Task, split_name: str, adapter: Adapter, info: dict) -> None:
-    """The adapter, then its record: a task counts as fitted once its ``.json`` exists."""
-    adapter.metadata.kind = "skill"
-    adapter.metadata.description = task.descriptions[0]
-    adapter.save(folder / file_name(task.name))
-    record = {"task": task.name, "split": split_name, "kind": task.kind, **info}
-    (folder / file_name(task.name, ".json")).write_text(json.dumps(record))
-
-
-def load_library(folder: str | Path, split_name: str = "train") -> dict[str, tuple[Adapter, dict]]:
-    """Fitted adapters of one split by task name, each with its fit record."""
-    out = {}
-    for info_path in sorted(Path(folder).glob("*.json")):
-        info = json.loads(info_path.read_text())
-        if info.get("split") == split_name:
-            out[info["task"]] = (Adapter.load(info_path.with_suffix(".safetensors")), info)
-    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ general knowledge, and tasks next to but outside the skills), picks the threshol
 (correctly routed in-scope rate - routed out-of-scope rate) on the even-numbered requests, and
 reports the rates at that threshold on the odd-numbered ones (held out) and on all of them.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/calibrate_skill_threshold.py --out docs/results/skill_threshold.json
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.calibrate_skill_threshold --out docs/results/skill_threshold.json
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ the gold answer of the left-out question with
 (o) − (m) is the part of the fitted gain that is about the passage. Same targets, rank and loss
 as the hypernetwork: only the optimizer differs (per-passage steps instead of one forward pass).
 
-    python -m hyperlora_integrations.training.probe_oracle --passages 24 --steps 30 --out docs/results/probe_oracle.json
-    python -m hyperlora_integrations.training.probe_oracle --source new_wiki --out docs/results/probe_oracle_new_wiki.json
+    python -m research.probe_oracle --passages 24 --steps 30 --out docs/results/probe_oracle.json
+    python -m research.probe_oracle --source new_wiki --out docs/results/probe_oracle_new_wiki.json
 
 ``--max-minutes`` stops fitting new passages after that wall time and scores those already fitted.
 """
@@ -30,52 +30,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..chat import context_prefix, encode_text
-from ..lora import Adapter
-from ..metrics import bootstrap, mean
-from ..model import HyperLoRAModel
-from . import train_d2l
-from .data import olmo_drop, squad_shifts
-from .eval_d2l import _gap, _specific
-from .train_d2l import distill_loss
-
-
-class FittedAdapter(nn.Module):
-    """Free A/B parameters shaped like one hypernetwork output: ``distill_loss`` treats it as the net."""
-
-    def __init__(self, like: Adapter) -> None:
-        super().__init__()
-        # peft's LoRA initialisation: A small and random, B zero, so the fit starts at the base model.
-        self.A = nn.ParameterDict(
-            {m: nn.Parameter(torch.randn_like(a) * a.shape[-1] ** -0.5) for m, a in like.A.items()}
-        )
-        self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros_like(b)) for m, b in like.B.items()})
-
-    @classmethod
-    def holding(cls, adapter: Adapter) -> FittedAdapter:
-        """One that serves ``adapter`` itself (scaling folded into B): a fixed adapter where a
-        loss expects a network."""
-        fit = cls(adapter)
-        with torch.no_grad():
-            for m in adapter.A:
-                fit.A[m].copy_(adapter.A[m])
-                fit.B[m].copy_(adapter.B[m] * adapter.scaling)
-        return fit
-
-    def forward(self, inputs: torch.Tensor):
-        """The same adapter for each row of ``inputs`` (document activations or task embeddings)."""
-        n = inputs.shape[0]
-        return {m: a.expand(n, *a.shape) for m, a in self.A.items()}, {
-            m: b.expand(n, *b.shape) for m, b in self.B.items()
-        }
-
-    def adapter(self) -> Adapter:
-        return Adapter(
-            {m: a.detach().clone() for m, a in self.A.items()}, {m: b.detach().clone() for m, b in self.B.items()}
-        )
+from hyperlora_integrations.chat import context_prefix, encode_text
+from hyperlora_integrations.metrics import bootstrap, mean
+from hyperlora_integrations.model import HyperLoRAModel
+from hyperlora_integrations.training import train_d2l
+from hyperlora_integrations.training.data import olmo_drop, squad_shifts
+from hyperlora_integrations.training.eval_d2l import _gap, _specific
+from hyperlora_integrations.training.library import FittedAdapter
+from hyperlora_integrations.training.train_d2l import distill_loss
 
 
 def passages_with_questions(

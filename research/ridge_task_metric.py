@@ -15,7 +15,7 @@ A ridge prediction is a weighted sum of hundreds of rank-8 deltas; it is cut to 
 ``lora.compress`` (truncated SVD, the retained energy is reported) so that scoring it costs
 about what a generated adapter does. The measured run (docs/text-to-lora.md):
 
-    python scripts/ridge_task_metric.py --coefficients runs/ridge_coef_ps.json --encoder minilm \\
+    python -m research.ridge_task_metric --coefficients runs/ridge_coef_ps.json --encoder minilm \\
         --mc-examples 100 --gen-examples 30 --out docs/results/ridge_task_metric.json
 """
 
@@ -27,13 +27,13 @@ import random
 from pathlib import Path
 
 import torch
-from library_ce import weighted_adapter  # a sibling script
 
 from hyperlora_integrations.lora.compress import compress, retained_energy
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training.eval_t2l import add_eval_args, difference, report, run_held_out
-from hyperlora_integrations.training.fit_library import load_library
+from hyperlora_integrations.training.library import load_library
 from hyperlora_integrations.training.tasks import load_tasks, split
+from research.library_ce import weighted_adapter
 
 
 def main(argv=None) -> dict:

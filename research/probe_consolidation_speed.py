@@ -4,7 +4,7 @@ Consolidates one ~512-token text (fictional dev documents joined, never the test
 several configs in one process and prints seconds, steps/s and target tokens per step for each.
 The benchmark (`hyperlora bench --conditions consolidated`) is where the claim is measured.
 
-    python scripts/probe_consolidation_speed.py --threads 2 --variants default,layers=none,layers=12
+    python -m research.probe_consolidation_speed --threads 2 --variants default,layers=none,layers=12
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def variant(spec: str) -> ConsolidationConfig:
     return ConsolidationConfig(**update)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--variants", default="default,layers=none")
     p.add_argument("--steps", type=int, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
     text = text_of(model, args.tokens)

@@ -7,7 +7,7 @@ chunk adapters combined four ways: unscaled rank concatenation; each chunk scale
 ``trained_chunks / n`` (what ``internalize`` ships); each scaled by ``1 / sqrt(n)``; and only the
 chunk that BM25 ranks first for the question.
 
-    python scripts/long_document_scaling.py --plan 2048:2x3,8192:1x6 --out runs/long_scaling.json
+    python -m research.long_document_scaling --plan 2048:2x3,8192:1x6 --out runs/long_scaling.json
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from hyperlora_integrations.encoders.activations import chunk_ids
 from hyperlora_integrations.lora.adapter import Adapter
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d2l", default="default")
     p.add_argument("--plan", default="2048:2x3,8192:1x6")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/long_scaling.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained(d2l=args.d2l, t2l=None)
     net = model.d2l

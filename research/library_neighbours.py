@@ -22,11 +22,11 @@ prediction is a weighted sum of library deltas, so all errors come exactly from 
 inner products of the deltas (``lora.delta_inner_matrix``). ``--sizes`` repeats the test on random sub-libraries, to see whether
 more training tasks make descriptions more predictive, and plots it.
 
-    python scripts/library_neighbours.py --weighted --out docs/results/library_neighbours_weighted.json
-    python scripts/library_neighbours.py --out docs/results/library_neighbours.json
+    python -m research.library_neighbours --weighted --out docs/results/library_neighbours_weighted.json
+    python -m research.library_neighbours --out docs/results/library_neighbours.json
 
 ``--weighted`` measures the errors on the deltas' outputs for real activations (the inputs'
-second moments over 2 examples of each library task, ``fit_library.library_gram``), not on the
+second moments over 2 examples of each library task, ``training.library.library_gram``), not on the
 raw weights: every A is mapped once by the exact root of those moments, after which the plain
 distance is the weighted one.
 """
@@ -46,7 +46,7 @@ from hyperlora_integrations.encoders.description import description_encoder
 from hyperlora_integrations.lora import Adapter, delta_inner_matrix
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
-from hyperlora_integrations.training.fit_library import gram_root, library_gram, load_library
+from hyperlora_integrations.training.library import gram_root, library_gram, load_library
 from hyperlora_integrations.training.tasks import load_tasks
 
 ENCODERS = ("base-mean", "minilm")
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
 
     coefficients = {}
     rows = test(list(range(len(names))), coefficients=coefficients)
-    if args.coefficients:  # the ridge predictions as library weights, for scripts/library_ce.py
+    if args.coefficients:  # the ridge predictions as library weights, for research/library_ce.py
         Path(args.coefficients).write_text(json.dumps(coefficients))
     result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}
     default = set(load_tasks())  # the task set without --extended-tasks

@@ -12,7 +12,7 @@ tokens as in the fits), the mean per-token CE of the gold target with
 - ``own_fit``: the task's own fitted adapter (``fit_library --split held``, fitted on other
   examples of the task): what one adapter of this shape can do.
 
-    python scripts/library_ce.py --library runs/t2l-library --recon runs/t2l-recon/checkpoint \
+    python -m research.library_ce --library runs/t2l-library --recon runs/t2l-recon/checkpoint \
         --out docs/results/library_ce.json
 """
 
@@ -28,8 +28,7 @@ from hyperlora_integrations.hypernets import checkpoint as ckpt
 from hyperlora_integrations.lora import Adapter, concat
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
-from hyperlora_integrations.training.fit_library import load_library
-from hyperlora_integrations.training.probe_oracle import FittedAdapter
+from hyperlora_integrations.training.library import FittedAdapter, load_library
 from hyperlora_integrations.training.tasks import load_tasks, split
 
 

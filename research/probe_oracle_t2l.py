@@ -12,7 +12,7 @@ scored by ``eval_t2l.run_task`` under its condition names:
 Had even this fit failed to beat (b), the adapter's shape or the loss would be the limit; where
 it does, what remains is the hypernetwork's. The measured run (docs/text-to-lora.md):
 
-    python -m hyperlora_integrations.training.probe_oracle_t2l --steps 25 --batch 4 --mc-examples 20 \
+    python -m research.probe_oracle_t2l --steps 25 --batch 4 --mc-examples 20 \
         --gen-examples 10 --threads 2 --out docs/results/probe_oracle_t2l.json
 """
 
@@ -24,11 +24,11 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from ..model import HyperLoRAModel
-from . import train_t2l
-from .eval_t2l import add_eval_args, difference, report, run_held_out
-from .fit_library import fit_task
-from .tasks import load_tasks, split
+from hyperlora_integrations.model import HyperLoRAModel
+from hyperlora_integrations.training import train_t2l
+from hyperlora_integrations.training.eval_t2l import add_eval_args, difference, report, run_held_out
+from hyperlora_integrations.training.tasks import load_tasks, split
+from research.fit_library import fit_task
 
 
 def main(argv=None) -> dict:
