@@ -316,11 +316,52 @@ class HyperLoRAModel:
             should_stop=should_stop,
         )
 
-    def generate_skill(self, description: str) -> Adapter:
-        """Turn a plain-language task description into a skill adapter."""
-        if self.t2l is None:
-            raise HypernetworkMissingError("this model was loaded without a Text-to-LoRA hypernetwork")
-        return self.t2l.generate_skill(self, description)
+    def generate_skill(
+        self,
+        description: str,
+        *,
+        examples: Sequence[tuple[str, str]] | None = None,
+        consolidate: bool = False,
+        steps: int | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        config=None,
+        time_budget_s: float | None = None,
+        should_stop=None,
+    ) -> Adapter:
+        """Turn a plain-language task description into a skill adapter.
+
+        By default one Text-to-LoRA pass (instant; measured to act as a generic "answer tersely"
+        adapter, so serve it with the description in the prompt). ``consolidate=True`` then
+        distils the description into the adapter: the student (adapter, no description) learns
+        the distribution of the model with the description in its prompt on inputs the task
+        may take, so the description can leave the prompt. ``examples`` (``(input, output)``
+        pairs) are fitted too. Both work without a hypernetwork (from zero) and take tens of
+        seconds; ``config`` is a ``consolidation.SkillConsolidationConfig``.
+        """
+        if not consolidate and not examples:
+            if self.t2l is None:
+                raise HypernetworkMissingError("this model was loaded without a Text-to-LoRA hypernetwork")
+            return self.t2l.generate_skill(self, description)
+        from tqdm.auto import tqdm
+
+        from .consolidation.skill import consolidate_skill
+
+        instant = self.t2l.generate_skill(self, description) if self.t2l is not None else None
+        with tqdm(desc="consolidating skill", unit="step", disable=not progress) as bar:
+            return consolidate_skill(
+                self,
+                description,
+                instant,
+                examples=examples,
+                distill=consolidate,
+                config=config,
+                steps=steps,
+                seed=seed,
+                time_budget_s=time_budget_s,
+                progress=lambda step, loss: bar.update(1),
+                should_stop=should_stop,
+            )
 
     # ------------------------------------------------------------------ generation
     def _prepare(

@@ -7,6 +7,9 @@ token-F1 of the greedy answer for generation):
 and two controls for (c): the adapter generated from another held-out task's description
 (mismatched) and from a random string of words (random). Averages over tasks come with a
 stratified bootstrap (examples resampled within each task).
+
+``--skills`` runs ``eval_skills`` instead: consolidated and few-shot skills (with their
+mismatched controls) on the held-out short-answer skills fixture.
 """
 
 from __future__ import annotations
@@ -154,6 +157,13 @@ def report(
 
 
 def main(argv=None) -> dict:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--skills" in argv:  # the skill-consolidation evaluation on the held-out skills fixture
+        from .eval_skills import main as eval_skills
+
+        return eval_skills([a for a in argv if a != "--skills"])
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

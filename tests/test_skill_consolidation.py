@@ -1,0 +1,148 @@
+"""Skill consolidation (issue 22): the description distilled into the adapter, and few-shot fits.
+
+Fast tests run on the tiny random model with a small recipe; they check the mechanics (the
+adapter moves the student toward the teacher, gold examples are learned, errors are typed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperlora_integrations.consolidation import ConsolidationConfig
+from hyperlora_integrations.consolidation.distill import fit_soft
+from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig, consolidate_skill
+from hyperlora_integrations.consolidation.skill_targets import (
+    SoftSequence,
+    countries,
+    example_sequences,
+    pool_inputs,
+    teacher_sequences,
+    vocab_words,
+)
+from hyperlora_integrations.errors import InvalidInputError
+
+DESCRIPTION = "Give the plural of the English noun."
+
+
+def small(steps: int = 4, **overrides) -> SkillConsolidationConfig:
+    return SkillConsolidationConfig(
+        training=ConsolidationConfig(steps=steps, batch_size=4, lr=3e-3, max_seq_tokens=64),
+        pools={"words": 3, "numbers": 1},
+        written=0,
+        max_new_tokens=4,
+        top_k=5,
+        **overrides,
+    )
+
+
+def test_pools_come_from_local_data_and_respect_exclusions(tiny_model):
+    words = vocab_words(tiny_model.tokenizer)
+    assert len(words) > 500 and all(w.isalpha() and w.islower() for w in words[:50])
+    drawn = pool_inputs(tiny_model, {"words": 20, "numbers": 5}, seed=1, exclude=words[:3000])
+    assert len(drawn) == 25 and not set(drawn) & set(words[:3000])
+    assert pool_inputs(tiny_model, {"words": 5}, seed=1) == pool_inputs(tiny_model, {"words": 5}, seed=1)
+    if countries():  # tzdata or the system's zoneinfo
+        assert "France" in countries()
+
+
+def test_teacher_rows_are_the_described_models_distribution(tiny_model):
+    rows = teacher_sequences(tiny_model, DESCRIPTION, ["cat", "house"], max_new_tokens=3, top_k=5)
+    assert len(rows) == 2
+    for row in rows:
+        assert row.prompt == tiny_model.encode("cat" if row is rows[0] else "house")  # no description
+        assert row.top_ids.shape == (len(row.target), 5)
+        torch.testing.assert_close(row.top_probs.sum(-1), torch.ones(len(row.target)))
+        assert (row.top_ids[:, 0] == torch.tensor(row.target)).all()  # greedy: the top token
+
+
+def test_distillation_moves_the_student_toward_the_teacher(fresh_tiny_model):
+    model = fresh_tiny_model
+    inputs = ["cat", "dog", "box", "mouse"]
+    rows = teacher_sequences(model, DESCRIPTION, inputs, max_new_tokens=4, top_k=20)
+
+    def distance() -> float:
+        return sum(_soft_loss(model, r) for r in rows) / len(rows)
+
+    before = distance()
+    config = ConsolidationConfig(steps=30, batch_size=4, lr=1e-2)
+    result = fit_soft(model, rows, config, seed=0)
+    from hyperlora_integrations.lora import Adapter
+
+    adapter = Adapter(result.A, result.B)
+    with model.activate([adapter]):
+        after = distance()
+    assert result.losses[-1] < result.losses[0]
+    assert after < before - 0.05, (before, after)
+
+
+def _soft_loss(model, row: SoftSequence) -> float:
+    ids = torch.tensor([row.prompt + row.target])
+    with torch.no_grad():
+        logits = model.model(input_ids=ids).logits[0, len(row.prompt) - 1 : -1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, row.top_ids)
+    return float(-(row.top_probs * logp).sum(-1).mean())
+
+
+def test_examples_are_learned_as_plain_cross_entropy(fresh_tiny_model):
+    model = fresh_tiny_model
+    pairs = [("cat", "cats"), ("dog", "dogs")]
+    before = sum(model.score(x, y) for x, y in pairs)
+    config = small(steps=25)
+    config.training.lr = 1e-2
+    skill = model.generate_skill(DESCRIPTION, examples=pairs, config=config)
+    after = sum(model.score(x, y, adapters=[skill]) for x, y in pairs)
+    assert after < before - 1.0
+    info = skill.metadata.model_extra["consolidation"]
+    assert skill.kind == "skill" and skill.metadata.description == DESCRIPTION
+    assert info["examples"] == 2 and info["distilled_inputs"] == 0 and info["init"] == "instant"
+    rows = example_sequences(model, pairs, weight=2.0)
+    assert rows[0].target[-1] == model.tokenizer.eos_token_id and rows[0].weight == 2.0
+
+
+def test_consolidated_skill_is_deterministic_and_recorded(fresh_tiny_model):
+    model = fresh_tiny_model
+    a = model.generate_skill(DESCRIPTION, consolidate=True, config=small(), seed=3)
+    b = model.generate_skill(DESCRIPTION, consolidate=True, config=small(), seed=3)
+    for name in a.A:
+        torch.testing.assert_close(a.B[name], b.B[name])
+    info = a.metadata.model_extra["consolidation"]
+    assert a.metadata.model_extra["consolidated"] is True
+    assert info["steps"] == 4 and info["distilled_inputs"] == 4 and info["total_seconds"] >= info["seconds"]
+    instant = model.generate_skill(DESCRIPTION)
+    assert any(not torch.equal(a.B[n], instant.folded()[1][n]) for n in a.B)  # trained away from it
+
+
+def test_consolidation_without_a_hypernetwork_starts_from_zero(fresh_tiny_model):
+    model = fresh_tiny_model
+    model.t2l = None
+    skill = model.generate_skill(DESCRIPTION, consolidate=True, config=small())
+    assert skill.metadata.model_extra["consolidation"]["init"] == "zero"
+
+
+def test_exclusions_keep_evaluation_inputs_out(tiny_model):
+    words = list(vocab_words(tiny_model.tokenizer)[:4000])
+    config = small()
+    assert pool_inputs(tiny_model, {"words": 1}, seed=0, exclude=words) == []  # nothing left to draw
+    skill = consolidate_skill(tiny_model, DESCRIPTION, None, config=config, exclude_inputs=words)
+    assert skill.metadata.model_extra["consolidation"]["distilled_inputs"] == 1  # the one number only
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"examples": [("cat",)]},
+        {"examples": [("cat", "")]},
+        {"examples": [("cat", 3)]},
+        {"consolidate": True, "config": ConsolidationConfig()},
+        {"consolidate": True, "steps": 0},
+    ],
+)
+def test_bad_arguments_are_typed_errors(tiny_model, kwargs):
+    with pytest.raises(InvalidInputError):
+        tiny_model.generate_skill(DESCRIPTION, **kwargs)
+
+
+def test_empty_description_is_refused(tiny_model):
+    with pytest.raises(InvalidInputError):
+        tiny_model.generate_skill("   ", consolidate=True, config=small())
