@@ -97,6 +97,7 @@ class HyperLoRAModel:
         self.t2l = t2l
         self._default_store = None
         self.consolidation_config = None  # a ConsolidationConfig; None: the measured default recipe
+        self.skill_consolidation_config = None  # a SkillConsolidationConfig; None: the default recipe
         if d2l is not None:
             d2l.check_base(self)
         if t2l is not None:
@@ -337,7 +338,8 @@ class HyperLoRAModel:
         the distribution of the model with the description in its prompt on inputs the task
         may take, so the description can leave the prompt. ``examples`` (``(input, output)``
         pairs) are fitted too. Both work without a hypernetwork (from zero) and take tens of
-        seconds; ``config`` is a ``consolidation.SkillConsolidationConfig``.
+        seconds; ``config`` is a ``consolidation.SkillConsolidationConfig`` (default: this
+        model's ``skill_consolidation_config``, else the default recipe).
         """
         if not consolidate and not examples:
             if self.t2l is None:
@@ -355,7 +357,7 @@ class HyperLoRAModel:
                 instant,
                 examples=examples,
                 distill=consolidate,
-                config=config,
+                config=config if config is not None else self.skill_consolidation_config,
                 steps=steps,
                 seed=seed,
                 time_budget_s=time_budget_s,

@@ -53,6 +53,7 @@ def tool_skill_adapter(
     *,
     skill: str | Adapter | Skill | None = None,
     library: SkillLibrary | None = None,
+    consolidate: bool | str = False,
 ) -> Adapter:
     """The adapter behind a skill tool; one rule for the LangChain and LlamaIndex ``skill_tool``.
 
@@ -60,8 +61,13 @@ def tool_skill_adapter(
     skill name (a string without whitespace, which must exist), or a description (a sentence);
     by default ``description``, the text the agent reads. With ``library`` the skill is kept
     there under ``name`` and reused while its description is unchanged, so restarts do not
-    regenerate it.
+    regenerate it. ``consolidate=True`` (or ``"now"``) distils the description into a skill made
+    here (``generate_skill(consolidate=True)``): the tool then works without the description in
+    any prompt. A given ``Adapter`` or ``Skill`` is used as it is, consolidated or not.
     """
+    if consolidate not in (False, True, "now"):
+        raise InvalidInputError(f"consolidate must be False, True or 'now', got {consolidate!r}")
+    consolidate = "now" if consolidate else False
     if isinstance(skill, Adapter):
         return skill
     if isinstance(skill, Skill):
@@ -80,10 +86,10 @@ def tool_skill_adapter(
         raise missing_skill(source, library)
     if library is not None:
         current = library.get(name) if name in library.names() else None
-        if current is None or current.description != source:
-            current = library.add(name, source)
+        if current is None or current.description != source or (consolidate and not current.consolidated):
+            current = library.add(name, source, consolidate=consolidate)
         return current.adapter
-    adapter = model.generate_skill(source)
+    adapter = model.generate_skill(source, consolidate=bool(consolidate))
     adapter.metadata.kind = "skill"
     adapter.metadata.description = source
     adapter.metadata.skill_name = name
@@ -95,6 +101,18 @@ class Skill:
     name: str
     description: str
     adapter: Adapter
+
+    @property
+    def consolidated(self) -> bool:
+        """Whether the description was distilled into the adapter (``generate_skill(consolidate=True)``)."""
+        return bool((self.adapter.metadata.model_extra or {}).get("consolidated"))
+
+    @property
+    def context(self) -> str | None:
+        """What to put in the prompt with the adapter: the description until the skill is
+        consolidated (the instant adapter alone does not carry it, docs/text-to-lora.md), then
+        nothing."""
+        return None if self.consolidated else self.description
 
 
 # Default thresholds per router, calibrated by scripts/calibrate_skill_threshold.py (the value
@@ -150,6 +168,11 @@ class SkillLibrary:
         for meta in self.store.list(namespace=self.namespace, kind="skill"):  # oldest first: newest wins
             self._load(meta)
         self._awaiting = {job.id for job in self.store.pending(namespace=self.namespace, kind="skill")}
+        self._consolidating = {  # stored skills whose consolidated adapter is still to come
+            job.id
+            for job in self.store.pending(namespace=self.namespace, kind="consolidate")
+            if job.options.get("target") == "skill"
+        }
 
     def _load(self, meta) -> None:
         """Index a stored skill; an older adapter of the same name (a replaced skill) is deleted."""
@@ -166,6 +189,13 @@ class SkillLibrary:
 
     def _sync(self) -> None:
         """Pick up skills the background worker (of any process) has generated since we looked."""
+        for adapter_id in list(self._consolidating):
+            if self.store.job(adapter_id, namespace=self.namespace) is None:  # done or cancelled
+                self._consolidating.discard(adapter_id)
+                try:
+                    self._load(self.store.metadata(adapter_id, namespace=self.namespace))
+                except AdapterNotFoundError:
+                    pass
         if not self._awaiting:
             return
         for adapter_id in list(self._awaiting):
@@ -199,25 +229,47 @@ class SkillLibrary:
             self._emb[skill.name] = emb
 
     def _cancel_queued(self, name: str) -> None:
-        for job in self.store.pending(namespace=self.namespace, kind="skill"):
+        jobs = self.store.pending(namespace=self.namespace, kind="skill")
+        jobs += self.store.pending(namespace=self.namespace, kind="consolidate")
+        for job in jobs:
             if job.options.get("skill_name") == name:
                 try:
                     self.store.remove(job.id, namespace=self.namespace)
                 except AdapterNotFoundError:
                     pass
                 self._awaiting.discard(job.id)
+                self._consolidating.discard(job.id)
 
-    def add(self, name: str, description: str, adapter: Adapter | None = None, *, background: bool = False):
+    def add(
+        self,
+        name: str,
+        description: str,
+        adapter: Adapter | None = None,
+        *,
+        background: bool = False,
+        consolidate: str | bool = False,
+    ):
         """Register a skill; without ``adapter`` it is generated from ``description`` (T2L).
 
         Returns the ``Skill``; with ``background=True`` only queues it and returns the id its
         adapter will have (it becomes routable once generated; ``pending()`` lists the names).
+        ``consolidate="now"`` distils the description into the adapter before returning (tens
+        of seconds, ``HyperLoRAModel.generate_skill(consolidate=True)``); ``"background"``
+        stores the instant skill at once and queues its consolidation in the store, whose worker
+        replaces the adapter when done (``consolidating()`` lists the names). Until then the
+        ``Skill``'s ``context`` is its description: serve it in the prompt with the adapter.
         """
         check_name(name, "skill name")
         check_text(description, "skill description")
         if not description.strip():
             raise InvalidInputError("a skill needs a non-empty description")
+        if consolidate not in (False, "now", "background"):
+            raise InvalidInputError(f"consolidate must be False, 'now' or 'background', got {consolidate!r}")
+        if consolidate and (background or adapter is not None):
+            raise InvalidInputError("consolidate= makes the adapter itself; do not pass adapter= or background=True")
         self._cancel_queued(name)  # the latest add of a name wins
+        if consolidate == "now":
+            adapter = self.model.generate_skill(description, consolidate=True, progress=True)
         if background:
             if adapter is not None:
                 raise InvalidInputError("background=True generates the adapter; do not pass one")
@@ -248,7 +300,31 @@ class SkillLibrary:
         self.store.put(adapter, namespace=self.namespace)
         skill = Skill(name, description, adapter)
         self._index(skill)
+        if consolidate == "background":
+            self._queue_consolidation(skill)
         return skill
+
+    def _queue_consolidation(self, skill: Skill) -> None:
+        """A store job that replaces the stored instant adapter with the consolidated skill."""
+        from .adapters.worker import worker_for
+
+        self.store.enqueue(
+            "consolidate",
+            skill.adapter.id,
+            skill.description,
+            namespace=self.namespace,
+            content_hash=content_hash(skill.description),
+            options={"target": "skill", "skill_name": skill.name},
+            fingerprint=self.model.fingerprint,
+        )
+        self._consolidating.add(skill.adapter.id)
+        worker_for(self.model, self.store).start().wake()
+
+    def consolidating(self) -> list[str]:
+        """Names of skills served as instant skills while their consolidation is queued or running."""
+        self._sync()
+        with self._lock:
+            return sorted(s.name for s in self._skills.values() if s.adapter.id in self._consolidating)
 
     def pending(self) -> list[str]:
         """Names of skills queued for background generation, oldest first."""

@@ -146,3 +146,59 @@ def test_bad_arguments_are_typed_errors(tiny_model, kwargs):
 def test_empty_description_is_refused(tiny_model):
     with pytest.raises(InvalidInputError):
         tiny_model.generate_skill("   ", consolidate=True, config=small())
+
+
+def test_library_consolidates_now_and_in_the_background(fresh_tiny_model, store):
+    from hyperlora_integrations.adapters.worker import worker_for
+    from hyperlora_integrations.skills import SkillLibrary
+
+    model = fresh_tiny_model
+    model.skill_consolidation_config = small()
+    library = SkillLibrary(model, store, router="model")
+    now = library.add("plural", DESCRIPTION, consolidate="now")
+    assert now.consolidated and now.context is None
+
+    later = library.add("upper", "Rewrite the word in capital letters.", consolidate="background")
+    assert not later.consolidated and later.context == later.description  # served with it meanwhile
+    worker = worker_for(model, store)
+    worker.drain(timeout=300)
+    assert library.consolidating() == []
+    done = library.get("upper")
+    assert done.consolidated and done.adapter.id == later.adapter.id and done.context is None
+    assert len(store.list(namespace="skills", kind="skill")) == 2  # replaced, not added
+    reopened = SkillLibrary(model, store, router="model")
+    assert reopened.get("upper").consolidated
+
+
+@pytest.mark.parametrize("kwargs", [{"consolidate": "later"}, {"consolidate": "now", "background": True}])
+def test_library_refuses_bad_consolidate_arguments(tiny_model, store, kwargs):
+    from hyperlora_integrations.skills import SkillLibrary
+
+    with pytest.raises(InvalidInputError):
+        SkillLibrary(tiny_model, store, router="model").add("plural", DESCRIPTION, **kwargs)
+
+
+def test_skill_tools_make_consolidated_skills(fresh_tiny_model, store):
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from hyperlora_integrations.langchain import ChatHyperLoRA
+    from hyperlora_integrations.langchain import skill_tool as lc_skill_tool
+    from hyperlora_integrations.llama_index import HyperLoRALLM
+    from hyperlora_integrations.llama_index import skill_tool as li_skill_tool
+    from hyperlora_integrations.skills import SkillLibrary
+
+    model = fresh_tiny_model
+    model.skill_consolidation_config = small()
+    chat = ChatHyperLoRA(model=model, max_tokens=3)
+    tool = lc_skill_tool(chat, "plural", DESCRIPTION, consolidate=True)
+    assert isinstance(tool.invoke({"input": "cat"}), str)
+    library = SkillLibrary(model, store, router="model")
+    li_tool = li_skill_tool(
+        HyperLoRALLM(model, max_new_tokens=3), "plural", DESCRIPTION, library=library, consolidate=True
+    )
+    assert li_tool.adapter.metadata.model_extra["consolidated"] is True
+    assert library.get("plural").consolidated  # kept: a restart reuses the consolidated skill
+    again = li_skill_tool(HyperLoRALLM(model, max_new_tokens=3), "plural", DESCRIPTION, library=library)
+    assert again.adapter.id == li_tool.adapter.id
+    with pytest.raises(InvalidInputError):
+        lc_skill_tool(chat, "plural", DESCRIPTION, consolidate="later")

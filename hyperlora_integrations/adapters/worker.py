@@ -136,7 +136,7 @@ class BackgroundWorker:
             text: str | None = job.payload
         elif job.kind == "consolidate":
             adapter = self._consolidate(job)
-            text = job.payload
+            text = None if options.get("target") == "skill" else job.payload
         elif job.kind == "skill":
             adapter = self.model.generate_skill(job.payload)
             adapter.metadata.kind = "skill"
@@ -149,8 +149,20 @@ class BackgroundWorker:
         return adapter, text
 
     def _consolidate(self, job: Job) -> Adapter:
-        """Learn the document into its adapter, from the stored instant adapter when asked to."""
+        """Learn the document into its adapter, from the stored instant adapter when asked to.
+
+        A skill's job (``options["target"] == "skill"``, queued by ``SkillLibrary.add(...,
+        consolidate="background")``) distils its description instead; the payload is the
+        description and the stored instant skill is replaced by the consolidated one."""
         options: dict[str, Any] = job.options
+        if options.get("target") == "skill":
+            adapter = self.model.generate_skill(
+                job.payload, consolidate=True, seed=int(options.get("seed", 0)), should_stop=self._stop.is_set
+            )
+            adapter.metadata.kind = "skill"
+            adapter.metadata.description = job.payload
+            adapter.metadata.skill_name = options.get("skill_name")
+            return adapter
         start = None
         if options.get("warm_start"):
             try:

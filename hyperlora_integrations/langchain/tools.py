@@ -42,6 +42,7 @@ def skill_tool(
     library: SkillLibrary | None = None,
     tool_description: str | None = None,
     return_direct: bool = False,
+    consolidate: bool | str = False,
     **invoke_kwargs: Any,
 ) -> BaseTool:
     """A tool named ``name`` that answers its ``input`` with the skill ``description`` describes.
@@ -52,6 +53,9 @@ def skill_tool(
     skill under ``name`` and reuses it while the description is unchanged. ``tool_description``
     is what the agent reads to decide when to call the tool (default: ``description``).
     ``invoke_kwargs`` (for example ``max_tokens``) are passed to each model call and checked now.
+    ``consolidate=True`` distils the description into the skill it makes (tens of seconds,
+    ``HyperLoRAModel.generate_skill(consolidate=True)``); a consolidated ``Skill`` or
+    ``Adapter`` passed as ``skill`` is used as it is.
     """
     if not isinstance(llm, ChatHyperLoRA):
         raise InvalidInputError(f"skill_tool needs a ChatHyperLoRA, got {type(llm).__name__}")
@@ -60,8 +64,10 @@ def skill_tool(
     if not isinstance(description, str) or not description.strip():
         raise InvalidInputError("a skill tool needs a non-empty description")
     check_tool_generation("skill_tool", invoke_kwargs, extra=("timeout",))
-    if library is not None:
-        adapter = tool_skill_adapter(llm.model, name, description, skill=skill, library=library)
+    if library is not None or consolidate:
+        adapter = tool_skill_adapter(
+            llm.model, name, description, skill=skill, library=library, consolidate=consolidate
+        )
     else:  # through the chat model: its skills= library names and its per-description cache
         adapter = llm.skill(skill if skill is not None else description)
     skilled = llm.with_skill(adapter)

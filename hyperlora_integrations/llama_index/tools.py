@@ -53,6 +53,7 @@ def skill_tool(
     library: SkillLibrary | None = None,
     tool_description: str | None = None,
     return_direct: bool = False,
+    consolidate: bool | str = False,
     **generation: Any,
 ) -> SkillTool:
     """A tool that runs ``llm`` with the skill adapter for ``description`` active.
@@ -64,6 +65,9 @@ def skill_tool(
     ``tool_description`` is what the agent reads to choose the tool (defaults to
     ``description``). ``generation`` keyword arguments (``max_new_tokens``, ``temperature``,
     ...) apply to every call of the tool and are checked now, not at the first call.
+    ``consolidate=True`` distils the description into the skill it makes (tens of seconds,
+    ``HyperLoRAModel.generate_skill(consolidate=True)``); a consolidated ``Skill`` or
+    ``Adapter`` passed as ``skill`` is used as it is.
     """
     if not isinstance(llm, HyperLoRALLM):
         raise InvalidInputError(f"llm must be a HyperLoRALLM, got {type(llm).__name__}")
@@ -72,7 +76,9 @@ def skill_tool(
     if not isinstance(description, str) or not description.strip():
         raise InvalidInputError("a skill needs a non-empty description")
     check_tool_generation("skill_tool", generation)
-    adapter = tool_skill_adapter(llm.hyperlora_model, name, description, skill=skill, library=library)
+    adapter = tool_skill_adapter(
+        llm.hyperlora_model, name, description, skill=skill, library=library, consolidate=consolidate
+    )
 
     def run(input: str) -> str:
         return llm.complete(input, adapters=[adapter], **generation).text
