@@ -202,3 +202,12 @@ def test_skill_tools_make_consolidated_skills(fresh_tiny_model, store):
     assert again.adapter.id == li_tool.adapter.id
     with pytest.raises(InvalidInputError):
         lc_skill_tool(chat, "plural", DESCRIPTION, consolidate="later")
+
+
+def test_long_rows_are_cut_to_the_sequence_limit():
+    from hyperlora_integrations.consolidation.skill import _within
+
+    row = SoftSequence(list(range(100)), [1, 2, 3], torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2) / 2)
+    cut = _within(row, 64)
+    assert len(cut.prompt) + len(cut.target) == 64 and cut.target == [1, 2, 3] and cut.prompt[-1] == 99
+    assert _within(row, 128) is row

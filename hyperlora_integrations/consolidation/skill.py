@@ -23,7 +23,7 @@ from ..errors import InvalidInputError
 from ..lora import Adapter, AdapterMetadata, content_hash
 from .config import ConsolidationConfig
 from .distill import fit_soft
-from .skill_targets import example_sequences, pool_inputs, teacher_sequences, written_inputs
+from .skill_targets import SoftSequence, example_sequences, pool_inputs, teacher_sequences, written_inputs
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -73,6 +73,15 @@ def _checked_examples(examples: Sequence[tuple[str, str]] | None) -> list[tuple[
             raise InvalidInputError("an example's input and output must be non-empty")
         out.append((pair[0], pair[1]))
     return out
+
+
+def _within(row: SoftSequence, limit: int) -> SoftSequence:
+    """A row cut to ``limit`` tokens: the target to half of it, the prompt from the left (as
+    document consolidation cuts its turns), so one long example cannot blow up a batch."""
+    if len(row.prompt) + len(row.target) <= limit:
+        return row
+    n = min(len(row.target), limit // 2)
+    return SoftSequence(row.prompt[-(limit - n) :], row.target[:n], row.top_ids[:n], row.top_probs[:n], row.weight)
 
 
 def consolidate_skill(
@@ -125,6 +134,7 @@ def consolidate_skill(
             formatted=config.teacher_format,
         )
     rows += example_sequences(model, pairs, config.example_weight)
+    rows = [_within(row, config.training.max_seq_tokens) for row in rows]
     targets_seconds = time.perf_counter() - started
     result = fit_soft(
         model,

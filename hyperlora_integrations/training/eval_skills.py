@@ -111,8 +111,8 @@ def score_task(
         "instant_desc": {"adapters": [adapters["instant"]], "context": description} if "instant" in adapters else None,
         "consolidated": {"adapters": [adapters["consolidated"]]},
         "mismatched": {"adapters": [adapters["mismatched"]]},
-        "fewshot": {"adapters": [adapters["fewshot"]]},
-        "fewshot_mismatched": {"adapters": [adapters["fewshot_mismatched"]]},
+        "fewshot": {"adapters": [adapters["fewshot"]]} if "fewshot" in adapters else None,
+        "fewshot_mismatched": {"adapters": [adapters["fewshot_mismatched"]]} if "fewshot" in adapters else None,
     }
     out: dict[str, dict[str, list[float]]] = {}
     for cond, kwargs in setups.items():
@@ -172,6 +172,7 @@ def add_skill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the recipe's training steps")
     p.add_argument("--written", type=int, default=None, help="override how many inputs the model writes")
     p.add_argument("--no-teacher-instant", action="store_true", help="the teacher does not wear the instant skill")
+    p.add_argument("--no-fewshot", action="store_true", help="skip the few-shot conditions (half the fitting)")
     p.add_argument("--cache", default="runs/eval_skills")
     p.add_argument("--adapters-only", action="store_true", help="make and cache the adapters, score nothing")
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace, model: HyperLoRAModel | None = None) -> dict:
     seconds = []
     for name in tqdm(names, desc="skills", unit="task"):
         made[name] = {}
-        for kind in ("consolidated", "fewshot"):
+        for kind in ("consolidated",) if args.no_fewshot else ("consolidated", "fewshot"):
             made[name][kind] = cached_skill(model, name, tasks[name], kind, config, args.shots, cache, args.seed)
             if kind == "consolidated":
                 seconds.append(made[name][kind].metadata.model_extra["consolidation"]["total_seconds"])
@@ -210,12 +211,9 @@ def run(args: argparse.Namespace, model: HyperLoRAModel | None = None) -> dict:
     per_task = {}
     for i, name in enumerate(tqdm(names, desc="scoring", unit="task")):
         other = names[(i + 1) % len(names)]
-        adapters = {
-            "consolidated": made[name]["consolidated"],
-            "mismatched": made[other]["consolidated"],
-            "fewshot": made[name]["fewshot"],
-            "fewshot_mismatched": made[other]["fewshot"],
-        }
+        adapters = {"consolidated": made[name]["consolidated"], "mismatched": made[other]["consolidated"]}
+        if not args.no_fewshot:
+            adapters |= {"fewshot": made[name]["fewshot"], "fewshot_mismatched": made[other]["fewshot"]}
         if model.t2l is not None:
             adapters["instant"] = model.generate_skill(tasks[name]["description"])
         per_task[name] = score_task(model, tasks[name], adapters, args.shots, args.max_new_tokens)
