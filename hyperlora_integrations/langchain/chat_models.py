@@ -13,19 +13,15 @@ A call's adapters come from four places, combined by rank concatenation for that
 Nothing is stored on the instance between calls: adapters are handed to the core per call and
 it scopes them with a ContextVar, so concurrent calls in threads or asyncio tasks cannot see
 each other's adapters. ``response_metadata`` says which adapters a call used and why.
+
+This module holds the LangChain-facing class (fields, tools, structured output, skills); what a
+call resolves before generating is in ``_call.py``, the streaming itself in ``_generation.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import json
-import logging
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -36,8 +32,7 @@ require("langchain_core", "langchain")
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun  # noqa: E402
 from langchain_core.language_models import BaseChatModel, LanguageModelInput  # noqa: E402
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream  # noqa: E402
-from langchain_core.messages import AIMessageChunk, BaseMessage  # noqa: E402
-from langchain_core.messages.tool import tool_call_chunk  # noqa: E402
+from langchain_core.messages import BaseMessage  # noqa: E402
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser  # noqa: E402
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser  # noqa: E402
 from langchain_core.outputs import ChatGenerationChunk, ChatResult  # noqa: E402
@@ -47,85 +42,23 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator  # noqa: E402
 
-from .._arguments import (  # noqa: E402
-    check_generation_kwargs,
-    is_generation_name,
-    shared_model,
-    sort_constructor_arguments,
-    unexpected,
-)
+from .._arguments import shared_model, sort_constructor_arguments  # noqa: E402
 from ..adapters.corpus import ReferenceResolver  # noqa: E402
 from ..adapters.references import strip_references  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..lora import Adapter  # noqa: E402
 from ..model import HyperLoRAModel  # noqa: E402
 from ..skills import Skill, SkillLibrary, missing_skill  # noqa: E402
-from ._messages import last_user_text, to_core_messages  # noqa: E402
-from ._toolcalls import StreamFilter, ToolSpec, grammar_options, render_tools  # noqa: E402
-
-log = logging.getLogger(__name__)
-
-# Call options that arrive through ``bind``/``invoke`` kwargs and are understood here.
-_SAMPLING_KEYS = ("temperature", "max_tokens", "top_p", "seed", "timeout")
-# Accepted for drop-in compatibility with API-backed chat models; they have no local effect.
-_IGNORED_KEYS = ("stream", "stream_usage", "strict", "ls_structured_output_format", "structured_output_format")
-# Hugging Face names of fields, accepted as aliases (``max_new_tokens=`` is ``max_tokens=``).
-_ALIASES = {"max_new_tokens": "max_tokens"}
+from ._call import ALIASES, add_system, prepare, tool_spec  # noqa: E402
+from ._generation import chunks, in_thread  # noqa: E402
+from ._messages import to_core_messages  # noqa: E402
+from ._toolcalls import render_tools  # noqa: E402
 
 
 def _load_model(base_model: str | None, d2l: str | None, t2l: str | None) -> HyperLoRAModel:
     """Load (once per process) a model named by strings, so many chat models share its weights
     (and share them with ``HyperLoRALLM``s built from the same name)."""
     return shared_model(base_model, d2l, t2l)
-
-
-@dataclass
-class _Call:
-    """Everything one call resolved before generation starts."""
-
-    messages: list[dict[str, str]]
-    adapters: list[Adapter]
-    sources: list[dict[str, Any]]
-    sampling: dict[str, Any]
-    deadline: float | None
-    tool_names: list[str]
-    parallel_tool_calls: bool
-    served_by: dict[str, str] = field(default_factory=dict)
-    rejected: int = 0
-    skill: dict[str, Any] | None = None
-
-
-def _add_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
-    """Append ``text`` to the leading system message, or start the conversation with one."""
-    if messages and messages[0]["role"] == "system":
-        head = messages[0]["content"]
-        return [{"role": "system", "content": f"{head}\n\n{text}" if head.strip() else text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-def _json_instruction(response_format: dict[str, Any]) -> str:
-    schema = response_format.get("schema")
-    if response_format.get("type") == "json_schema" and schema:
-        return "Reply with only a JSON object that conforms to this JSON schema, with no other text:\n" + json.dumps(
-            schema, ensure_ascii=False
-        )
-    text = "Reply with only a valid JSON object, with no other text."
-    if schema:
-        text += " Use this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
-    return text
-
-
-def _warn_unhonoured_once(chat: ChatHyperLoRA, count: int) -> None:
-    """One warning per chat model: references it could not honour were stripped from the prompt."""
-    if chat._warned_unhonoured:
-        return
-    chat._warned_unhonoured = True
-    log.warning(
-        "%d adapter reference(s) in the prompt could not be honoured and were removed: build the "
-        "retriever on the same HyperLoRAModel, or pass references_from=[retriever] / adapter_store= "
-        "(and reference_namespaces=) to this chat model",
-        count,
-    )
 
 
 class ChatHyperLoRA(BaseChatModel):
@@ -202,7 +135,7 @@ class ChatHyperLoRA(BaseChatModel):
         if isinstance(values, dict) and isinstance(values.get("model"), str):
             values = {**values, "model_name": values["model"], "model": None}
         if isinstance(values, dict):
-            values = sort_constructor_arguments("ChatHyperLoRA", cls, values, _ALIASES)
+            values = sort_constructor_arguments("ChatHyperLoRA", cls, values, ALIASES)
         return values
 
     @model_validator(mode="after")
@@ -284,16 +217,11 @@ class ChatHyperLoRA(BaseChatModel):
         """Exact prompt length of ``messages`` under the chat template (references removed)."""
         core = to_core_messages(messages)
         if tools:
-            specs = [self._spec(convert_to_openai_tool(t)) for t in tools]
-            core = _add_system(core, render_tools(specs, None))
+            specs = [tool_spec(convert_to_openai_tool(t)) for t in tools]
+            core = add_system(core, render_tools(specs, None))
         return len(self.model.encode([{**m, "content": strip_references(m["content"])[0]} for m in core]))
 
     # ------------------------------------------------------------------ tools and structure
-    @staticmethod
-    def _spec(tool: dict[str, Any]) -> ToolSpec:
-        fn = tool["function"]
-        return ToolSpec(fn["name"], fn.get("description", ""), fn.get("parameters", {}))
-
     def bind_tools(
         self,
         tools: Sequence[dict[str, Any] | type | Any | BaseTool],
@@ -414,178 +342,7 @@ class ChatHyperLoRA(BaseChatModel):
         """
         return self.model_copy(update={"skill_adapter": self.skill(skill)})
 
-    # ------------------------------------------------------------------ per-call resolution
-    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
-        kwargs = dict(kwargs)
-        override = kwargs.pop("model", None)
-        if override is not None and override != self.model_name:
-            raise InvalidInputError(
-                f"this ChatHyperLoRA serves {self.model_name!r}; per-call model override ({override!r}) "
-                "is not supported: construct another ChatHyperLoRA"
-            )
-        explicit = kwargs.pop("adapters", None) or ()
-        tools = kwargs.pop("tools", None) or []
-        choice = kwargs.pop("tool_choice", None)
-        parallel = kwargs.pop("parallel_tool_calls", None)
-        response_format = kwargs.pop("response_format", None)
-        for alias, name in _ALIASES.items():
-            if alias in kwargs:
-                if name in kwargs:
-                    raise TypeError(f"pass {name} or {alias}, not both")
-                kwargs[name] = kwargs.pop(alias)
-        sampling = {key: kwargs.pop(key) for key in _SAMPLING_KEYS if key in kwargs}
-        for key in _IGNORED_KEYS:
-            kwargs.pop(key, None)
-        unknown = [key for key in kwargs if not is_generation_name(key)]
-        if unknown:
-            call_keys = [*_SAMPLING_KEYS, *_ALIASES, "adapters", "tools", "tool_choice", "stop", "response_format"]
-            raise unexpected("ChatHyperLoRA call", unknown, call_keys)
-        generation = check_generation_kwargs("ChatHyperLoRA call", {**self.model_kwargs, **kwargs})
-
-        core = to_core_messages(messages)
-        specs = [self._spec(t) for t in tools] if choice != "none" else []
-        if specs:
-            core = _add_system(core, render_tools(specs, choice))
-        if response_format:
-            core = _add_system(core, _json_instruction(response_format))
-
-        # References: verified ones become adapters; every reference-shaped string is removed.
-        served: dict[str, str] = {}
-        rejected = 0
-        adapters: list[Adapter] = []
-        sources: list[dict[str, Any]] = []
-        resolver = self._resolver or self._default_resolver()
-        if resolver is not None:
-            resolution = resolver.resolve(core)
-            core, served, rejected = resolution.messages, dict(resolution.served_by), resolution.rejected
-            for adapter, ref in zip(resolution.adapters, resolution.adapter_references, strict=True):
-                adapters.append(adapter)
-                sources.append(self._describe(adapter, "reference", namespace=ref.namespace))
-        else:
-            stripped = [strip_references(m["content"]) for m in core]
-            rejected += sum(n for _, n in stripped)
-            core = [{**m, "content": clean} for m, (clean, _) in zip(core, stripped, strict=True)]
-        if rejected:
-            _warn_unhonoured_once(self, rejected)
-
-        for adapter in explicit:
-            if not isinstance(adapter, Adapter):
-                raise InvalidInputError(f"adapters= takes Adapter objects, got {type(adapter).__name__}")
-            adapters.append(adapter)
-            sources.append(self._describe(adapter, "adapters"))
-
-        skill_info = None
-        if self.skill_adapter is not None:
-            adapters.append(self.skill_adapter)
-            sources.append(self._describe(self.skill_adapter, "with_skill"))
-        elif self.auto_skill:
-            request = last_user_text(core)
-            if request is not None:
-                ranked = self.skills.scores(request)
-                chosen = self.skills.route(request, threshold=self.skill_threshold)
-                if chosen is not None:
-                    adapters.append(chosen.adapter)
-                    sources.append(self._describe(chosen.adapter, "auto_skill"))
-                    skill_info = {"name": chosen.name, "score": round(dict(ranked)[chosen.name], 4)}
-
-        # One adapter via two routes: apply once. The same id in two namespaces is two adapters.
-        unique: dict[tuple[str, str | None], Adapter] = {}
-        described: dict[tuple[str, str | None], dict[str, Any]] = {}
-        for adapter, source in zip(adapters, sources, strict=True):
-            key = (adapter.id, source.get("namespace"))
-            if key[1] is None and any(k[0] == adapter.id for k in unique):
-                continue
-            unique.setdefault(key, adapter)
-            described.setdefault(key, source)
-
-        stops = stop if stop is not None else self.stop
-        max_tokens = sampling.get("max_tokens", self.max_tokens)
-        if max_tokens is None:
-            max_tokens = max(1, self.model.max_context - len(self.model.encode(core)))
-        timeout = sampling.get("timeout", self.timeout)
-        return _Call(
-            messages=core,
-            adapters=list(unique.values()),
-            sources=list(described.values()),
-            sampling={
-                **generation,
-                "max_new_tokens": int(max_tokens),
-                "temperature": float(sampling.get("temperature", self.temperature)),
-                "top_p": float(sampling.get("top_p", self.top_p)),
-                "seed": sampling.get("seed", self.seed),
-                "stop": tuple(stops or ()),
-                **grammar_options(specs, choice, parallel is not False, response_format),
-            },
-            deadline=time.monotonic() + timeout if timeout else None,
-            tool_names=[s.name for s in specs],
-            parallel_tool_calls=parallel is not False,
-            served_by=served,
-            rejected=rejected,
-            skill=skill_info,
-        )
-
-    @staticmethod
-    def _describe(adapter: Adapter, via: str, namespace: str | None = None) -> dict[str, Any]:
-        info = {"id": adapter.id, "kind": adapter.kind, "source": adapter.metadata.source, "via": via}
-        if namespace is not None:
-            info["namespace"] = namespace
-        return info
-
     # ------------------------------------------------------------------ generation
-    def _chunks(self, call: _Call) -> Iterator[ChatGenerationChunk]:
-        """Stream one call: text as soon as it is final, then a last chunk with everything else."""
-        filt = StreamFilter(call.tool_names)
-        last = None
-        pieces = self.model.stream_chunks(call.messages, call.adapters, **call.sampling)
-        try:
-            for piece in pieces:
-                if call.deadline is not None and time.monotonic() > call.deadline:
-                    raise TimeoutError("generation exceeded its timeout")
-                text = filt.feed(piece.text) if piece.text else ""
-                if text:
-                    yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-                if piece.finish_reason is not None:
-                    last = piece
-        finally:
-            pieces.close()
-        rest, parsed = filt.finish()
-        calls = parsed.calls if call.parallel_tool_calls else parsed.calls[:1]
-        finish = "tool_calls" if calls else (last.finish_reason if last else "stop")
-        metadata: dict[str, Any] = {
-            "model_name": self.model_name,
-            "model_provider": "hyperlora",
-            "finish_reason": finish,
-            "adapters": call.sources,
-            "served_by": call.served_by,
-            "references_rejected": call.rejected,
-        }
-        if call.skill is not None:
-            metadata["skill"] = call.skill
-        if parsed.error:
-            metadata["tool_call_error"] = parsed.error
-        prompt_tokens = last.prompt_tokens if last else 0
-        completion_tokens = last.completion_tokens if last else 0
-        message = AIMessageChunk(
-            content=rest,
-            tool_call_chunks=[
-                tool_call_chunk(
-                    name=c.name,
-                    args=json.dumps(c.arguments, ensure_ascii=False),
-                    id=f"call_{uuid.uuid4().hex[:24]}",
-                    index=i,
-                )
-                for i, c in enumerate(calls)
-            ],
-            usage_metadata={
-                "input_tokens": prompt_tokens,
-                "output_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            response_metadata=metadata,
-            chunk_position="last",
-        )
-        yield ChatGenerationChunk(message=message)
-
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -594,7 +351,7 @@ class ChatHyperLoRA(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # Token callbacks: LangChain's stream() reports each chunk we yield to the run manager.
-        yield from self._chunks(self._prepare(messages, stop, kwargs))
+        yield from chunks(self, prepare(self, messages, stop, kwargs))
 
     def _generate(
         self,
@@ -603,7 +360,7 @@ class ChatHyperLoRA(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._chunks(self._prepare(messages, stop, kwargs)))
+        return generate_from_stream(chunks(self, prepare(self, messages, stop, kwargs)))
 
     async def _astream(
         self,
@@ -612,46 +369,9 @@ class ChatHyperLoRA(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        """Generate in a worker thread and hand chunks to the event loop as they come.
-
-        The loop never runs a forward pass. If the consumer stops early, the worker stops at the
-        next token instead of generating the rest of the answer for nobody.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(kind: str, item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
-            except RuntimeError:  # the loop closed under us: nobody is listening any more
-                cancelled.set()
-
-        def produce() -> None:
-            try:
-                for chunk in self._chunks(self._prepare(messages, stop, kwargs)):
-                    if cancelled.is_set():
-                        return
-                    put("chunk", chunk)
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                put("error", exc)
-            else:
-                put("done", None)
-
-        context = contextvars.copy_context()
-        worker = threading.Thread(target=context.run, args=(produce,), name="hyperlora-generate", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, item = await queue.get()
-                if kind == "chunk":
-                    yield item
-                elif kind == "error":
-                    raise item
-                else:
-                    return
-        finally:
-            cancelled.set()
+        """Generate in a worker thread (``_generation.in_thread``); the event loop runs no forward pass."""
+        async for chunk in in_thread(lambda: chunks(self, prepare(self, messages, stop, kwargs))):
+            yield chunk
 
     async def _agenerate(
         self,
