@@ -1,8 +1,8 @@
-"""What every hypernetwork shares: its config, base-model check and dtype."""
+"""What every hypernetwork shares: its config, base-model check and dtype, and ``HostModel``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -11,7 +11,22 @@ from ..errors import BaseModelMismatchError
 from .config import HypernetConfig
 
 if TYPE_CHECKING:
-    from ..model import HyperLoRAModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..base_model import BaseModel
+    from ..lora import LoRAInjector
+
+
+class HostModel(Protocol):
+    """What a hypernetwork reads of the model it serves. ``HyperLoRAModel`` satisfies it; with
+    it ``hypernets/`` never imports ``model.py`` (which loads hypernetworks), not even for types."""
+
+    base: BaseModel
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+    injector: LoRAInjector
 
 
 class Hypernetwork(nn.Module):
@@ -25,7 +40,7 @@ class Hypernetwork(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def check_base(self, model: HyperLoRAModel) -> None:
+    def check_base(self, model: HostModel) -> None:
         """Refuse a base model other than the one this hypernetwork was trained for."""
         c = self.config
         if c.base_fingerprint != model.fingerprint:
@@ -39,7 +54,7 @@ class Hypernetwork(nn.Module):
                 raise BaseModelMismatchError(f"module {name!r} of the base model does not have shape {(d_in, d_out)}")
 
     @classmethod
-    def for_model(cls, model: HyperLoRAModel, **overrides) -> Hypernetwork:
+    def for_model(cls, model: HostModel, **overrides) -> Hypernetwork:
         """A freshly initialised hypernetwork sized for ``model``'s target modules."""
         from ..lora import LoraSpec
 

@@ -22,7 +22,7 @@ from .blocks import CrossAttention, LoRAHead
 from .config import D2LConfig
 
 if TYPE_CHECKING:
-    from ..model import HyperLoRAModel
+    from .base import HostModel
 
 
 class DocToLoRA(Hypernetwork):
@@ -123,9 +123,7 @@ class DocToLoRA(Hypernetwork):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def internalize(
-        self, model: HyperLoRAModel, text: str, *, source: str = "", progress: bool | None = None
-    ) -> Adapter:
+    def internalize(self, model: HostModel, text: str, *, source: str = "", progress: bool | None = None) -> Adapter:
         """Encode ``text`` chunk by chunk and concatenate the chunk adapters along the rank axis.
 
         Only one chunk's activations exist at a time, so memory does not grow with length

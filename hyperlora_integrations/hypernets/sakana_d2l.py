@@ -38,7 +38,7 @@ from .config import HypernetConfig
 from .sakana_templates import Family, document_ids, split_chunks
 
 if TYPE_CHECKING:
-    from ..model import HyperLoRAModel
+    from .base import HostModel
 
 
 class SakanaD2LConfig(HypernetConfig):
@@ -303,7 +303,7 @@ class SakanaDocToLoRA(Hypernetwork):
         return A, B
 
     # ------------------------------------------------------------------ base model side
-    def check_base(self, model: HyperLoRAModel) -> None:
+    def check_base(self, model: HostModel) -> None:
         """Same architecture (fingerprint, module shapes) *and* the model the checkpoint names."""
         from ..base_model import model_name
 
@@ -343,7 +343,7 @@ class SakanaDocToLoRA(Hypernetwork):
     @torch.no_grad()
     def internalize(
         self,
-        model: HyperLoRAModel,
+        model: HostModel,
         text: str,
         *,
         source: str = "",

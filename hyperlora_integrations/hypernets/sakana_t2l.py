@@ -39,7 +39,7 @@ from .base import Hypernetwork
 from .config import HypernetConfig
 
 if TYPE_CHECKING:
-    from ..model import HyperLoRAModel
+    from .base import HostModel
 
 
 class SakanaT2LConfig(HypernetConfig):
@@ -253,7 +253,7 @@ class SakanaTextToLoRA(Hypernetwork):
         return F.normalize(pooled, dim=-1) * math.sqrt(pooled.shape[-1])
 
     # ------------------------------------------------------------------ descriptions
-    def check_base(self, model: HyperLoRAModel) -> None:
+    def check_base(self, model: HostModel) -> None:
         from ..base_model import model_name
 
         super().check_base(model)
@@ -271,7 +271,7 @@ class SakanaTextToLoRA(Hypernetwork):
         return text + "." if text and text[-1].isalpha() else text
 
     @torch.no_grad()
-    def embed(self, model: HyperLoRAModel, description: str) -> torch.Tensor:
+    def embed(self, model: HostModel, description: str) -> torch.Tensor:
         """The task embedding their ``embed_texts`` computes for one description."""
         text = self.format_description(description)
         if not self.config.emb_model:  # the base model itself, last token of the final hidden state
@@ -313,7 +313,7 @@ class SakanaTextToLoRA(Hypernetwork):
             return self._encoder
 
     @torch.no_grad()
-    def generate_skill(self, model: HyperLoRAModel, description: str) -> Adapter:
+    def generate_skill(self, model: HostModel, description: str) -> Adapter:
         if not isinstance(description, str) or not description.strip():
             raise InvalidInputError("a skill description must be a non-empty string")
         self.eval()

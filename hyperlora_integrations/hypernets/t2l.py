@@ -21,7 +21,7 @@ from .blocks import LoRAHead, ResidualMLP
 from .config import T2LConfig
 
 if TYPE_CHECKING:
-    from ..model import HyperLoRAModel
+    from .base import HostModel
 
 
 class TextToLoRA(Hypernetwork):
@@ -74,7 +74,7 @@ class TextToLoRA(Hypernetwork):
         self.emb_mean.copy_(embeddings.mean(0))
         self.emb_std.copy_(embeddings.std(0).clamp_min(1e-6))
 
-    def encoder(self, model: HyperLoRAModel):
+    def encoder(self, model: HostModel):
         """The description encoder this checkpoint was trained with (built once per base model)."""
         from ..encoders.description import description_encoder
 
@@ -87,7 +87,7 @@ class TextToLoRA(Hypernetwork):
             return self._encoder
 
     @torch.no_grad()
-    def generate_skill(self, model: HyperLoRAModel, description: str) -> Adapter:
+    def generate_skill(self, model: HostModel, description: str) -> Adapter:
         if not isinstance(description, str) or not description.strip():
             raise InvalidInputError("a skill description must be a non-empty string")
         self.eval()
