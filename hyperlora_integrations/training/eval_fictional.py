@@ -162,7 +162,12 @@ def retrieval_study(
 
 
 def swap_study(
-    model: HyperLoRAModel, docs: list[dict], consolidated: list[Adapter], *, max_new_tokens: int = 24
+    model: HyperLoRAModel,
+    docs: list[dict],
+    consolidated: list[Adapter],
+    *,
+    max_new_tokens: int = 24,
+    k: int | None = None,
 ) -> dict:
     """The two-line swaps as users write them, answering every question of ``docs``.
 
@@ -172,7 +177,9 @@ def swap_study(
     .as_query_engine(llm=HyperLoRALLM(model))``. The store is seeded with the adapters this run
     consolidated (the same ``consolidate`` call the retriever would make), so nothing is trained
     twice. Reported: answers containing the gold answer, and how each reference was served
-    ("context" would mean document text reached the prompt).
+    ("context" would mean document text reached the prompt). ``k``: documents retrieved per
+    question (``k`` of the retriever, ``similarity_top_k`` of the index); None keeps each
+    framework's default.
     """
     from langchain_core.documents import Document as LCDocument
     from langchain_core.output_parsers import StrOutputParser
@@ -197,6 +204,7 @@ def swap_study(
         store=store,
         namespace="langchain",
         consolidate="now",
+        **({} if k is None else {"k": k}),
     )
     chat = ChatHyperLoRA(model=model, max_tokens=max_new_tokens, references_from=[retriever])
     prompt = ChatPromptTemplate.from_messages(
@@ -215,7 +223,10 @@ def swap_study(
         namespace="llamaindex",
         consolidate="now",
     )
-    engine = index.as_query_engine(llm=HyperLoRALLM(model, store=store, max_new_tokens=max_new_tokens))
+    engine = index.as_query_engine(
+        llm=HyperLoRALLM(model, store=store, max_new_tokens=max_new_tokens),
+        **({} if k is None else {"similarity_top_k": k}),
+    )
     rows = []
     served: dict[str, int] = {}
     for doc in tqdm(docs, desc="swap study", unit="doc"):
@@ -295,6 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="I/N",
         help="only fill the cache with shard I of N of the documents (run N of these in parallel, then score)",
     )
+    p.add_argument(
+        "--swap-k", type=int, default=None, help="swap study: documents per question (default: each framework's)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default="runs/consolidated-cache")
     p.add_argument("--seed", type=int, default=0)
@@ -362,7 +376,7 @@ def main(argv=None) -> dict:
         )
         print(json.dumps(result["retrieval"]["summary"], indent=1))
     if "swap" in studies:
-        result["swap"] = swap_study(model, docs, adapters, max_new_tokens=args.max_new_tokens)
+        result["swap"] = swap_study(model, docs, adapters, max_new_tokens=args.max_new_tokens, k=args.swap_k)
         print(json.dumps(result["swap"]["summary"], indent=1))
     result["config"] = config.model_dump(mode="json")
     result["split"] = args.split
