@@ -1,15 +1,14 @@
 """``fit_soft``: the consolidation step with soft targets (a teacher's distribution per token).
 
-Same adapter, same initialisation (``trainer._init``), same functional-LoRA step through
-``model.injector.activate_weights`` and the same stopping rules as ``trainer.fit``; only the loss
-differs: cross-entropy against the teacher's top-k probabilities at each target position (equal
+The same loop as ``trainer.fit`` (``trainer.optimise``: initialisation, top-layer training with
+the frozen-layer cache, functional-LoRA step, stopping rules); only the rows and the loss
+differ: cross-entropy against the teacher's top-k probabilities at each target position (equal
 to the KL divergence to the renormalised top-k teacher, up to a constant), weighted per row. A
 one-hot row is ordinary cross-entropy, so few-shot examples and distillation share one batch.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from ..errors import InvalidInputError
 from ..lora import Adapter
 from .config import ConsolidationConfig
 from .skill_targets import SoftSequence
-from .trainer import ConsolidationInterrupted, FitResult, _init
+from .trainer import FitResult, Logits, optimise, pad_token_id
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -67,48 +66,33 @@ def fit_soft(
     """
     if not rows:
         raise InvalidInputError("nothing to consolidate: no training rows")
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    A_full, B_full, first = _init(model, config, init, generator)
-    device = model.base.device
-    A_train = {k: v[first:].clone().to(device).requires_grad_(True) for k, v in A_full.items()}
-    B_train = {k: v[first:].clone().to(device).requires_grad_(True) for k, v in B_full.items()}
-    A_low = {k: v[:first].to(device) for k, v in A_full.items()}
-    B_low = {k: v[:first].to(device) for k, v in B_full.items()}
-    params = [*A_train.values(), *B_train.values()]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    scaling = config.scaling if init is None else 1.0  # an init adapter's scaling is folded already
-    result = FitResult(A={}, B={})
+    pad_id, device = pad_token_id(model), model.base.device
     order: list[int] = []
-    for step in range(config.steps):
-        if should_stop is not None and should_stop():
-            raise ConsolidationInterrupted(f"stopped after {step} of {config.steps} steps")
+
+    def draw(_step: int, generator: torch.Generator) -> list:
+        nonlocal order
         while len(order) < config.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         batch, order = [rows[i] for i in order[: config.batch_size]], order[config.batch_size :]
+        return batch
+
+    def loss_of(batch: list, logits: Logits) -> torch.Tensor:
         ids, top_ids, top_probs, weights, keep_from = _soft_batch(batch, pad_id, device)
-        A = {k: torch.cat([A_low[k], A_train[k]]) for k in A_train}
-        B = {k: torch.cat([B_low[k], B_train[k]]) * scaling for k in B_train}
-        with torch.enable_grad(), model.injector.activate_weights(A, B):
-            keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
-            logits = model.model(input_ids=ids, logits_to_keep=keep).logits.float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, top_ids)
-            per_position = -(top_probs * logp).sum(-1)
-            loss = (per_position * weights).sum() / (weights > 0).sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        result.losses.append(loss.item())
-        result.steps = step + 1
-        if progress is not None:
-            progress(step + 1, result.losses[-1])
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            result.stopped = "time_budget"
-            break
-    with torch.no_grad():
-        result.A = {k: torch.cat([A_low[k], A_train[k].detach()]).cpu() for k in A_train}
-        result.B = {k: (torch.cat([B_low[k], B_train[k].detach()]) * scaling).cpu() for k in B_train}
-    result.seconds = time.perf_counter() - start
-    return result
+        keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
+        out = logits(ids, keep, [(r.prompt, r.target) for r in batch]).float()
+        logp = torch.log_softmax(out, dim=-1).gather(-1, top_ids)
+        per_position = -(top_probs * logp).sum(-1)
+        return (per_position * weights).sum() / (weights > 0).sum().clamp(min=1)
+
+    return optimise(
+        model,
+        config,
+        [(r.prompt, r.target) for r in rows],
+        draw,
+        loss_of,
+        init=init,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress=progress,
+        should_stop=should_stop,
+    )

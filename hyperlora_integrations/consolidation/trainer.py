@@ -103,10 +103,15 @@ def _per_layer(A_low, B_low, A_train, B_train, scaling: float):
     return A, B
 
 
-def fit(
+Logits = Callable[[torch.Tensor, torch.Tensor, Sequence[tuple[list[int], list[int]]]], torch.Tensor]
+
+
+def optimise(
     model: HyperLoRAModel,
-    sequences: Sequences,
     config: ConsolidationConfig,
+    sequences: Sequences,
+    draw: Callable[[int, torch.Generator], list],
+    loss_of: Callable[[list, Logits], torch.Tensor],
     *,
     init: Adapter | None = None,
     seed: int = 0,
@@ -114,13 +119,13 @@ def fit(
     progress: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
-    """Train A/B so the model, with them active, predicts each target after its prompt.
+    """The loop every consolidation objective shares; the objective supplies two functions.
 
-    ``sequences`` are drawn ``batch_size`` at a time in the given order, cycling: the caller's
-    schedule decides the mix. Deterministic for a seed (same threads, same machine).
+    ``draw(step, generator)`` picks a step's rows; ``loss_of(rows, logits)`` returns their loss,
+    where ``logits(ids, keep, seqs)`` runs the model with the adapter being trained (the frozen
+    layers from cache when ``sequences`` -- every (prompt, target) a row can have -- allow it).
+    Deterministic for a seed (same threads, same machine).
     """
-    if not sequences:
-        raise InvalidInputError("nothing to consolidate: no training sequences")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     A_full, B_full, first = _init(model, config, init, generator)
@@ -132,29 +137,26 @@ def fit(
     B_low = {k: v[:first].to(device) for k, v in B_full.items()}
     params = [*A_train.values(), *B_train.values()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model)
     scaling = config.scaling if init is None else 1.0  # an init adapter's scaling is folded already
     result = FitResult(A={}, B={})
-    n = len(sequences)
     with torch.no_grad(), model.injector.activate_weights(*_per_layer(A_low, B_low, A_train, B_train, scaling)):
         frozen = FrozenPrefix.build(model, sequences, first, pad_id)
     result.cached = frozen is not None
+
+    def logits(ids: torch.Tensor, keep: torch.Tensor, seqs) -> torch.Tensor:
+        # Logits only where targets are: the vocabulary projection is a fifth of the model.
+        if frozen is not None:  # the frozen layers' output is cached: run the top ones only
+            return frozen.logits(frozen.hidden(seqs), keep)
+        return model.model(input_ids=ids, logits_to_keep=keep).logits
+
     for step in range(config.steps):
         if should_stop is not None and should_stop():
             raise ConsolidationInterrupted(f"stopped after {step} of {config.steps} steps")
-        rows = [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
-        ids, labels, keep_from = _batch(rows, pad_id, device)
+        rows = draw(step, generator)
         A, B = _per_layer(A_low, B_low, A_train, B_train, scaling)
         with torch.enable_grad(), model.injector.activate_weights(A, B):
-            # Logits only where targets are: the vocabulary projection is a fifth of the model.
-            keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
-            if frozen is not None:  # the frozen layers' output is cached: run the top ones only
-                logits = frozen.logits(frozen.hidden(rows), keep)
-            else:
-                logits = model.model(input_ids=ids, logits_to_keep=keep).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels[:, keep_from + 1 :].reshape(-1)
-            )
+            loss = loss_of(rows, logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -171,3 +173,51 @@ def fit(
         result.B = {k: (torch.cat([B_low[k], B_train[k].detach()]) * scaling).cpu() for k in B_train}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def pad_token_id(model: HyperLoRAModel) -> int:
+    return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+
+
+def fit(
+    model: HyperLoRAModel,
+    sequences: Sequences,
+    config: ConsolidationConfig,
+    *,
+    init: Adapter | None = None,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Train A/B so the model, with them active, predicts each target after its prompt.
+
+    ``sequences`` are drawn ``batch_size`` at a time in the given order, cycling: the caller's
+    schedule decides the mix.
+    """
+    if not sequences:
+        raise InvalidInputError("nothing to consolidate: no training sequences")
+    n, pad_id, device = len(sequences), pad_token_id(model), model.base.device
+
+    def draw(step: int, _generator: torch.Generator) -> list:
+        return [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
+
+    def loss_of(rows: list, logits: Logits) -> torch.Tensor:
+        ids, labels, keep_from = _batch(rows, pad_id, device)
+        out = logits(ids, torch.arange(keep_from, ids.shape[1] - 1, device=device), rows)
+        return torch.nn.functional.cross_entropy(
+            out.float().reshape(-1, out.shape[-1]), labels[:, keep_from + 1 :].reshape(-1)
+        )
+
+    return optimise(
+        model,
+        config,
+        sequences,
+        draw,
+        loss_of,
+        init=init,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress=progress,
+        should_stop=should_stop,
+    )
