@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import check_text
 from ..errors import InvalidInputError
-from ..lora import Adapter, AdapterMetadata, content_hash
+from ..lora import Adapter, AdapterMetadata
 from .config import ConsolidationConfig
 from .distill import fit_soft
 from .skill_targets import SoftSequence, example_sequences, pool_inputs, teacher_sequences, written_inputs
@@ -146,13 +146,11 @@ def consolidate_skill(
         progress=progress,
         should_stop=should_stop,
     )
-    meta = AdapterMetadata(
-        kind="skill",
-        source="consolidate_skill",
-        description=description,
+    meta = AdapterMetadata.for_skill(
+        description,
         base_model=model.name,
         base_fingerprint=model.fingerprint,
-        content_hash=content_hash(description),
+        source="consolidate_skill",
         consolidated=True,
         consolidation={
             "steps": result.steps,

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import BaseModelMismatchError, InvalidInputError, MissingDependencyError
-from ..lora import Adapter, AdapterMetadata, content_hash
+from ..lora import Adapter, AdapterMetadata
 from .base import Hypernetwork
 from .config import HypernetConfig
 
@@ -319,13 +319,11 @@ class SakanaTextToLoRA(Hypernetwork):
         self.eval()
         param = next(self.parameters())  # the sentence encoder may sit on another device
         A, B = self(self.embed(model, description).to(device=param.device, dtype=param.dtype))
-        meta = AdapterMetadata(
-            kind="skill",
-            source="generate_skill",
-            description=description,
+        meta = AdapterMetadata.for_skill(
+            description,
             base_model=model.name,
             base_fingerprint=model.fingerprint,
-            content_hash=content_hash(description),
+            source="generate_skill",
             generator="sakana-t2l",
         )
         return Adapter(A, B, scaling=self.config.lora.scaling, metadata=meta)

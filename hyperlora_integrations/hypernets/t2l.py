@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..lora import Adapter, AdapterMetadata, content_hash
+from ..lora import Adapter, AdapterMetadata
 from .base import Hypernetwork
 from .blocks import LoRAHead, ResidualMLP
 from .config import T2LConfig
@@ -93,12 +93,7 @@ class TextToLoRA(Hypernetwork):
         self.eval()
         emb = self.encoder(model).encode(description)
         A, B = self(emb[None].to(self.dtype))
-        meta = AdapterMetadata(
-            kind="skill",
-            source="generate_skill",
-            description=description,
-            base_model=model.name,
-            base_fingerprint=model.fingerprint,
-            content_hash=content_hash(description),
+        meta = AdapterMetadata.for_skill(
+            description, base_model=model.name, base_fingerprint=model.fingerprint, source="generate_skill"
         )
         return Adapter({k: v[0] for k, v in A.items()}, {k: v[0] for k, v in B.items()}, metadata=meta)

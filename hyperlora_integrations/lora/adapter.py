@@ -61,6 +61,19 @@ class AdapterMetadata(BaseModel):
             **extra,
         )
 
+    @classmethod
+    def for_skill(cls, description: str, *, base_model: str, base_fingerprint: str, source: str, **extra):
+        """A skill adapter's metadata: one definition for generated, imported and consolidated skills."""
+        return cls(
+            kind="skill",
+            source=source,
+            description=description,
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+            content_hash=content_hash(description),
+            **extra,
+        )
+
 
 class Adapter:
     """LoRA A/B per target module and layer, a scaling, and metadata.
