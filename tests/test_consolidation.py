@@ -141,8 +141,7 @@ def test_shared_prompt_prefix_runs_once_per_step_and_changes_nothing(fresh_tiny_
     assert length >= prefix.MIN_SHARED_TOKENS  # the chat template's system block and user header
     assert (1, length) in widths  # the prefix ran as one row
     assert shared.metadata.consolidation["shared_prefix_tokens"] == length
-    monkeypatch.setattr(prefix, "MIN_SHARED_TOKENS", 10**6)  # off: every row runs its whole prompt
-    plain = model.consolidate(DOC, config=FAST, seed=3)
+    plain = model.consolidate(DOC, config=FAST.model_copy(update={"shared_prefix": False}), seed=3)
     assert fits[-1].shared_prefix == 0
     torch.testing.assert_close(shared.B["down_proj"], plain.B["down_proj"], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(shared.A["down_proj"], plain.A["down_proj"], atol=1e-4, rtol=1e-3)

@@ -218,8 +218,11 @@ def test_calibrate_skill_threshold(tmp_path):
 def test_probe_consolidation_speed(tiny, capsys):
     from research import probe_consolidation_speed
 
-    probe_consolidation_speed.main(["--threads", "1", "--tokens", "512", "--steps", "1", "--variants", "default"])
-    assert "default" in capsys.readouterr().out
+    probe_consolidation_speed.main(
+        ["--threads", "1", "--tokens", "512", "--steps", "1", "--variants", "default,shared_prefix=false"]
+    )
+    out = capsys.readouterr().out
+    assert "default" in out and "shared_prefix=false" in out
 
 
 def test_research_is_not_imported_by_the_package():

@@ -146,7 +146,8 @@ def optimise(
         frozen = FrozenPrefix.build(model, sequences, first, pad_id)
     result.cached = frozen is not None
     # The chat-template prefix all rows share runs once per step (prefix.py); checked on the first batch.
-    shared = {"length": 0 if frozen is not None else shared_length(sequences), "checked": False}
+    length = shared_length(sequences) if config.shared_prefix and frozen is None else 0
+    shared = {"length": length, "checked": False}
 
     def logits(ids: torch.Tensor, keep: torch.Tensor, seqs) -> torch.Tensor:
         # Logits only where targets are: the vocabulary projection is a fifth of the model.
