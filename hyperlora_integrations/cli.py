@@ -76,6 +76,7 @@ EVAL_KINDS = {
     "t2l": "Text-to-LoRA on held-out tasks (task metric vs description in the prompt)",
     "long": "internalize a 32k-token document with the fact in its last chunk (memory, latency)",
     "fictional": "consolidation on fictional documents: no doc / in prompt / instant / consolidated / mismatched",
+    "memory": "long-term memory on held-out conversations: none / full / truncated / consolidated / other user's",
 }
 
 
@@ -101,6 +102,8 @@ def _eval(argv: list[str]) -> int:
         from .training.eval_t2l import main
     elif kind == "fictional":
         from .training.eval_fictional import main
+    elif kind == "memory":
+        from .training.eval_memory import main
     else:
         from .bench.long_document import main
     main(argv[1:])
@@ -277,7 +280,7 @@ USAGE = f"""usage: {PROG} [--version] {{{",".join(COMMANDS)}}} [options]
 
   demo    answer questions about a built-in document: no doc / doc in prompt / adapter
   train   train a hypernetwork: `train d2l` (Doc-to-LoRA) or `train t2l` (Text-to-LoRA)
-  eval    evaluate on held-out data: `eval d2l`, `eval t2l`, `eval long` (32k-token document)
+  eval    evaluate on held-out data: `eval d2l`, `eval t2l`, `eval long` (32k-token document), `eval memory`
   bench   adapters vs context stuffing vs KV reuse vs top-k RAG (quality, latency, memory)
   export  internalize a text file and save the adapter in PEFT format
   drain   finish a store's queued background internalizations, with a progress bar
