@@ -28,18 +28,18 @@ def langchain_chat(model, store):
     from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
     from langchain_core.runnables.history import RunnableWithMessageHistory
 
-    from hyperlora_integrations.langchain import ChatHyperLoRA, HyperLoRAMemory
+    from hyperlora_integrations.langchain import ChatHyperLoRA, HyperLoRAMemory, with_memory
 
     llm = ChatHyperLoRA(model=model, max_tokens=3)
     prompt = ChatPromptTemplate.from_messages(
         [("system", "You are a helpful assistant."), MessagesPlaceholder("history"), ("human", "{input}")]
     )
-    memory = HyperLoRAMemory(llm, store, config=CONFIG)  # changed line 1: the history factory
-    chain = prompt | memory.bind(llm)  # changed line 2: the model, bound to the session's memory
+    get_session_history = HyperLoRAMemory(llm, store, config=CONFIG).get_session_history  # change 1
+    chain = prompt | with_memory(llm)  # change 2: the model, bound to the session's memory
     chat = RunnableWithMessageHistory(
-        chain, memory.get_session_history, input_messages_key="input", history_messages_key="history"
+        chain, get_session_history, input_messages_key="input", history_messages_key="history"
     )
-    return chat, memory
+    return chat, get_session_history.__self__
 
 
 def ask(chat, text: str, session: str):
@@ -90,9 +90,9 @@ def test_langchain_bound_model_streams_and_leaves_plain_calls_alone(tiny_model, 
     assert chunks and chunks[-1].response_metadata.get("adapters", [{}])[0].get("id") == history.memory.adapter().id
     from langchain_core.messages import HumanMessage
 
-    from hyperlora_integrations.langchain import ChatHyperLoRA
+    from hyperlora_integrations.langchain import ChatHyperLoRA, with_memory
 
-    plain = memory.bind(ChatHyperLoRA(model=tiny_model, max_tokens=2))  # no memory history in the config
+    plain = with_memory(ChatHyperLoRA(model=tiny_model, max_tokens=2))  # no memory history in the config
     assert plain.invoke([HumanMessage(content="hi")]).response_metadata["adapters"] == []
 
 

@@ -10,7 +10,7 @@ from .._optional import require
 require("langchain_core", "langchain")
 
 from .chat_models import ChatHyperLoRA  # noqa: E402
-from .memory import HyperLoRAChatMessageHistory, HyperLoRAMemory, MemoryBoundModel  # noqa: E402
+from .memory import HyperLoRAChatMessageHistory, HyperLoRAMemory, MemoryBoundModel, with_memory  # noqa: E402
 from .retrievers import HyperLoRARetriever  # noqa: E402
 from .tools import skill_tool  # noqa: E402
 
@@ -21,4 +21,5 @@ __all__ = [
     "HyperLoRARetriever",
     "MemoryBoundModel",
     "skill_tool",
+    "with_memory",
 ]

@@ -6,7 +6,7 @@ Two pieces, so a standard ``RunnableWithMessageHistory`` example changes in two 
   ``HyperLoRAChatMessageHistory`` stores every message durably and returns, as ``messages``,
   only what the prompt needs as text: the recent turns within the budget, plus older turns whose
   consolidation has not landed yet;
-- ``memory.bind(llm)`` is the chat model in the chain. It reads the history that
+- ``with_memory(llm)`` is the chat model in the chain. It reads the history that
   ``RunnableWithMessageHistory`` put in the call's config (``configurable["message_history"]``)
   and activates that session's memory adapter for the call, so the adapter that activates is
   always the one of the session whose history was loaded: never another user's.
@@ -130,9 +130,13 @@ class HyperLoRAMemory:
     def forget(self, user_id: str, thread_id: str | None = None) -> int:
         return self.manager.forget(user_id, thread_id)
 
-    def bind(self, llm: Runnable) -> MemoryBoundModel:
-        """``llm`` with the memory adapter of each call's session active (``MemoryBoundModel``)."""
-        return MemoryBoundModel(llm)
+
+def with_memory(llm: Runnable) -> MemoryBoundModel:
+    """``llm`` with the memory adapter of each call's session active (``MemoryBoundModel``).
+
+    It needs no memory object: the session's history, which ``RunnableWithMessageHistory`` puts
+    in the call's config, says whose adapter to activate."""
+    return MemoryBoundModel(llm)
 
 
 def session_adapters(config: RunnableConfig | None) -> list[Adapter]:
