@@ -5,7 +5,6 @@ several configs in one process and prints seconds, steps/s and target tokens per
 The benchmark (`hyperlora bench --conditions consolidated`) is where the claim is measured.
 
     python -m research.probe_consolidation_speed --threads 2 --variants default,layers=none,layers=12
-    python -m research.probe_consolidation_speed --threads 2 --variants shared_prefix=false,default  # prefix.py
 """
 
 from __future__ import annotations
@@ -70,7 +69,6 @@ def main(argv=None) -> None:
             "loss_first": summary["loss_first"],
             "loss_last": summary["loss_last"],
             "cached": summary["frozen_layers_cached"],
-            "shared_prefix_tokens": summary.get("shared_prefix_tokens", 0),
         }
         print(spec, json.dumps(out[spec]), flush=True)
 

@@ -122,31 +122,6 @@ def test_frozen_layers_run_once_per_sequence_and_change_nothing(fresh_tiny_model
     torch.testing.assert_close(cached.B["down_proj"], plain.B["down_proj"], atol=1e-4, rtol=1e-3)
 
 
-def test_shared_prompt_prefix_runs_once_per_step_and_changes_nothing(fresh_tiny_model, monkeypatch):
-    from hyperlora_integrations.consolidation import prefix, trainer
-
-    model = fresh_tiny_model
-    fits = []
-    real_fit = trainer.fit
-    monkeypatch.setattr(
-        "hyperlora_integrations.consolidation.engine.fit", lambda *a, **k: fits.append(real_fit(*a, **k)) or fits[-1]
-    )
-    widths = []
-    hook = model.model.model.layers[0].register_forward_hook(lambda m, i, o: widths.append(tuple(o.shape[:2])))
-    try:
-        shared = model.consolidate(DOC, config=FAST, seed=3)
-    finally:
-        hook.remove()
-    length = fits[-1].shared_prefix
-    assert length >= prefix.MIN_SHARED_TOKENS  # the chat template's system block and user header
-    assert (1, length) in widths  # the prefix ran as one row
-    assert shared.metadata.consolidation["shared_prefix_tokens"] == length
-    plain = model.consolidate(DOC, config=FAST.model_copy(update={"shared_prefix": False}), seed=3)
-    assert fits[-1].shared_prefix == 0
-    torch.testing.assert_close(shared.B["down_proj"], plain.B["down_proj"], atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(shared.A["down_proj"], plain.A["down_proj"], atol=1e-4, rtol=1e-3)
-
-
 def test_bad_input_is_refused(tiny_model):
     with pytest.raises(EmptyDocumentError):
         tiny_model.consolidate("   \n ")

@@ -156,7 +156,6 @@ def consolidate(
             "stopped": "time_budget" if any(r.stopped == "time_budget" for r in summaries) else "steps",
             "init": "instant" if adapter is not None and len(chunks) == 1 else "zero",
             "frozen_layers_cached": all(r.cached for r in summaries),
-            "shared_prefix_tokens": min(r.shared_prefix for r in summaries),
             "seed": seed,
             "config": config.model_dump(mode="json"),
         },

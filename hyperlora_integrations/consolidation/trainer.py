@@ -20,7 +20,6 @@ from ..errors import InvalidInputError
 from ..lora import Adapter
 from .config import ConsolidationConfig
 from .frozen import FrozenPrefix
-from .prefix import prefix_logits, shared_length, usable
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -43,7 +42,6 @@ class FitResult:
     seconds: float = 0.0
     stopped: str = "steps"  # "steps" | "time_budget"
     cached: bool = False  # the frozen layers ran once per sequence (frozen.py)
-    shared_prefix: int = 0  # prompt tokens run once per step instead of once per row (prefix.py)
 
 
 def _init(
@@ -145,20 +143,11 @@ def optimise(
     with torch.no_grad(), model.injector.activate_weights(*_per_layer(A_low, B_low, A_train, B_train, scaling)):
         frozen = FrozenPrefix.build(model, sequences, first, pad_id)
     result.cached = frozen is not None
-    # The chat-template prefix all rows share runs once per step (prefix.py); checked on the first batch.
-    length = shared_length(sequences) if config.shared_prefix and frozen is None else 0
-    shared = {"length": length, "checked": False}
 
     def logits(ids: torch.Tensor, keep: torch.Tensor, seqs) -> torch.Tensor:
         # Logits only where targets are: the vocabulary projection is a fifth of the model.
         if frozen is not None:  # the frozen layers' output is cached: run the top ones only
             return frozen.logits(frozen.hidden(seqs), keep)
-        if shared["length"] and not shared["checked"]:
-            shared["checked"] = True
-            if not usable(model.model, ids, keep, shared["length"]):
-                shared["length"] = 0
-        if shared["length"] and ids.shape[0] > 1 and int(keep.min()) >= shared["length"]:
-            return prefix_logits(model.model, ids, keep, shared["length"])
         return model.model(input_ids=ids, logits_to_keep=keep).logits
 
     for step in range(config.steps):
@@ -182,7 +171,6 @@ def optimise(
     with torch.no_grad():
         result.A = {k: torch.cat([A_low[k], A_train[k].detach()]).cpu() for k in A_train}
         result.B = {k: (torch.cat([B_low[k], B_train[k].detach()]) * scaling).cpu() for k in B_train}
-    result.shared_prefix = shared["length"]
     result.seconds = time.perf_counter() - start
     return result
 
