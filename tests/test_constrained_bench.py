@@ -36,3 +36,21 @@ def test_prompt_sets_and_validity_check():
     summary = summarize([{"schema": "weather", "prompted": {**row, "valid": False}, "constrained": row}])
     assert summary["valid_rate"] == {"prompted": 0.0, "constrained": 1.0}
     assert summary["grammar_overhead_vs_free_step"] == pytest.approx(0.1)
+
+
+def test_structured_bench_shards_resume_and_merge(tmp_path, capsys):
+    base = ["structured", "--tiny", "--prompts", "2", "--schemas", "person,weather", "--threads", "1"]
+    base += ["--max-new-tokens", "48", "--quiet"]
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert bench_main([*base, "--shard", "0/2", "--out", str(a)]) == 0
+    assert bench_main([*base, "--shard", "1/2", "--out", str(b)]) == 0
+    first = json.loads((a / "results.json").read_text())
+    assert first["summary"]["pairs"] == 2  # every other pair of 4
+    # a rerun of a finished shard redoes nothing: same records, same texts
+    assert bench_main([*base, "--shard", "0/2", "--out", str(a)]) == 0
+    assert json.loads((a / "results.json").read_text())["records"] == first["records"]
+    assert bench_main(["structured", "--merge", str(a), str(b), "--out", str(merged)]) == 0
+    summary = json.loads((merged / "results.json").read_text())["summary"]
+    assert summary["pairs"] == 4 and summary["valid_rate"]["constrained"] == 1.0
+    assert bench_main(["structured", "--shard", "2/2", "--tiny", "--out", str(tmp_path / "c")]) == 2
+    assert "--shard" in capsys.readouterr().err

@@ -233,18 +233,26 @@ def run(
     schemas: list[str],
     progress: bool = True,
     on_record: Any = None,
+    done: list[dict[str, Any]] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Generate every (schema, prompt) pair both ways; return per-pair records and a summary.
 
     Pairs go round-robin over the schemas (prompt 1 of each, then prompt 2, ...), and
     ``on_record(records)`` is called after each, so a run stopped early is still a balanced sample.
+    ``done`` are records of an earlier run of the same settings (their pairs are not redone);
+    ``shard=(k, n)`` takes every n-th pair from the k-th, so n processes share the work.
     """
     from ..constrained import constraint_processor
 
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = list(done or [])
+    finished = {(r["schema"], r["prompt"]) for r in records}
     per_schema = {name: prompts(name, n_prompts) for name in schemas}
     order = [(name, i, per_schema[name][i]) for i in range(n_prompts) for name in schemas]
+    order = [pair for j, pair in enumerate(order) if j % shard[1] == shard[0]]
     for name, i, prompt in order:
+        if (name, prompt) in finished:
+            continue
         schema = SCHEMAS[name]
         messages = [{"role": "system", "content": instruction(schema)}, {"role": "user", "content": prompt}]
         row: dict[str, Any] = {"schema": name, "prompt": prompt}
@@ -334,6 +342,47 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _resumable(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of an earlier run in ``path`` with the same model and token budget (else none):
+    a run killed mid-way (a session ending, a machine reclaimed) continues where it stopped."""
+    try:
+        old = json.loads(path.read_text())
+        same = all(old["meta"].get(key) == meta[key] for key in ("model", "max_new_tokens"))
+        return list(old["records"]) if same else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _merge(dirs: list[Path], out: Path) -> int:
+    """One summary and report over several runs' records (shards), a pair counted once."""
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    metas = []
+    for d in dirs:
+        try:
+            data = json.loads((d / "results.json").read_text())
+        except (OSError, ValueError) as exc:
+            print(f"hyperlora bench structured: cannot read {d / 'results.json'}: {exc}", file=sys.stderr)
+            return 2
+        metas.append(data.get("meta", {}))
+        for r in data.get("records", []):
+            records.setdefault((r["schema"], r["prompt"]), r)
+    if len({(m.get("model"), m.get("max_new_tokens")) for m in metas}) > 1:
+        print("hyperlora bench structured: the runs differ in model or --max-new-tokens", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(records.values())
+    merged = {
+        "records": rows,
+        "summary": summarize(rows),
+        "meta": {**metas[0], "merged_from": [str(d) for d in dirs], "shards": metas},
+    }
+    (out / "results.json").write_text(json.dumps(merged, indent=1, ensure_ascii=False))
+    text = report(merged["summary"])
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hyperlora bench structured", description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=50, help="prompts per schema (at most 50)")
@@ -343,11 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all CPUs)")
     p.add_argument("--out", default="bench-out/structured", help="writes results.json and report.md here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--shard", default="0/1", help="K/N: this process does every N-th pair from the K-th")
+    p.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="only summarise the results.json of these runs (shards) into --out"
+    )
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        return _merge([Path(d) for d in args.merge], out)
     schemas = [s.strip() for s in args.schemas.split(",") if s.strip()]
     unknown = [s for s in schemas if s not in SCHEMAS]
     if unknown or not 1 <= args.prompts <= 50:
         print(f"hyperlora bench structured: unknown schemas {unknown} or --prompts not in 1..50", file=sys.stderr)
+        return 2
+    try:
+        k, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        print(f"hyperlora bench structured: --shard takes K/N with 0 <= K < N, got {args.shard!r}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -362,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
 
         model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     start = time.perf_counter()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": model.name,
@@ -370,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
     }
+    done = _resumable(out / "results.json", meta)
+    if done and not args.quiet:
+        print(f"resuming: {len(done)} pairs already in {out / 'results.json'}", file=sys.stderr)
 
     def save(records: list[dict[str, Any]], complete: bool = False) -> dict[str, Any]:
         results = {
@@ -387,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         schemas=schemas,
         progress=not args.quiet,
         on_record=save,
+        done=done,
+        shard=(k, n),
     )
     results = save(finished["records"], complete=True)
     text = report(results["summary"])
