@@ -10,7 +10,7 @@ import pytest
 
 from hyperlora_integrations.consolidation import ConsolidationConfig
 from hyperlora_integrations.memory import MemoryConfig
-from hyperlora_integrations.memory.manager import message_overhead
+from hyperlora_integrations.memory.conversation import message_overhead
 from hyperlora_integrations.training import eval_memory as ev
 
 

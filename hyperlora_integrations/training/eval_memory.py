@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..adapters import AdapterStore
 from ..consolidation import ConsolidationConfig
 from ..memory import ConversationMemory, MemoryConfig, MemoryManager
-from ..memory.manager import message_overhead
+from ..memory.conversation import message_overhead
 from ..metrics import bootstrap, mean
 from ..model import HyperLoRAModel
 
