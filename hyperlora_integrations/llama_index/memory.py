@@ -20,7 +20,7 @@ from .._optional import require
 
 require("llama_index.core", "llamaindex")
 
-from llama_index.core.base.llms.types import ChatMessage  # noqa: E402
+from llama_index.core.base.llms.types import ChatMessage, TextBlock  # noqa: E402
 from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
 from llama_index.core.memory.types import BaseMemory  # noqa: E402
 
@@ -125,8 +125,8 @@ class HyperLoRAMemory(BaseMemory):
             first.blocks = [*first.blocks]
             if first.blocks and getattr(first.blocks[0], "block_type", None) == "text":
                 first.blocks[0] = first.blocks[0].model_copy(update={"text": reference + first.blocks[0].text})
-            else:
-                first.content = reference + (first.content or "")
+            else:  # a message that starts with a tool call: the reference goes in a block of its own
+                first.blocks.insert(0, TextBlock(text=reference))
             messages[0] = first
         return messages
 
