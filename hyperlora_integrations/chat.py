@@ -172,3 +172,11 @@ def context_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if ids[start : start + len(probe_ids)] == probe_ids:
             return ids[:start]
     raise ValueError("cannot locate user content in the chat template")
+
+
+def last_user_text(messages: Sequence[dict[str, str]]) -> str | None:
+    """The latest non-empty user turn: what skill routing and adapter selection look at."""
+    for message in reversed(messages):
+        if message["role"] == "user" and message["content"].strip():
+            return message["content"]
+    return None

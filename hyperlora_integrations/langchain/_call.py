@@ -17,9 +17,11 @@ from langchain_core.messages import BaseMessage
 
 from .._arguments import check_generation_kwargs, is_generation_name, unexpected
 from ..adapters.references import strip_references
+from ..adapters.routing import route
+from ..chat import last_user_text
 from ..errors import InvalidInputError
 from ..lora import Adapter
-from ._messages import last_user_text, to_core_messages
+from ._messages import to_core_messages
 from ._toolcalls import ToolSpec, grammar_options, render_tools
 
 if TYPE_CHECKING:
@@ -134,6 +136,8 @@ def prepare(chat: ChatHyperLoRA, messages: list[BaseMessage], stop: list[str] | 
     resolver = chat._resolver or chat._default_resolver()
     if resolver is not None:
         resolution = resolver.resolve(core)
+        if chat.select_adapters:
+            resolution = route(chat.model, resolution, last_user_text(resolution.messages))
         core, served, rejected = resolution.messages, dict(resolution.served_by), resolution.rejected
         for adapter, ref in zip(resolution.adapters, resolution.adapter_references, strict=True):
             adapters.append(adapter)

@@ -86,11 +86,3 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     if not out:
         raise InvalidInputError("no messages to answer")
     return out
-
-
-def last_user_text(messages: Sequence[dict[str, str]]) -> str | None:
-    """The latest user turn: what skill routing compares with the skill descriptions."""
-    for message in reversed(messages):
-        if message["role"] == "user" and message["content"].strip():
-            return message["content"]
-    return None

@@ -109,6 +109,10 @@ class ChatHyperLoRA(BaseChatModel):
     serve_pending: Literal["context", "instant"] = "context"
     """How a referenced document whose consolidation is still pending is served: its text in the
     prompt (``"context"``, default) or its instant hypernetwork adapter (``"instant"``)."""
+    select_adapters: bool = True
+    """Activate only the retrieved documents' adapters that make the question more likely
+    (adapters/routing.py: an unrelated document's adapter hurts); False activates every verified
+    reference's adapter."""
 
     skills: Any = Field(default=None, exclude=True)
     """A ``SkillLibrary`` for ``auto_skill`` routing and ``with_skill(name)``."""

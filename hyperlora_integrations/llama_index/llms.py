@@ -48,6 +48,8 @@ from llama_index.core.llms.llm import ToolSelection  # noqa: E402
 
 from .._arguments import check_generation_kwargs, is_generation_name, model_from, unexpected  # noqa: E402
 from ..adapters import AdapterStore, ReferenceResolver, Resolution  # noqa: E402
+from ..adapters.routing import route  # noqa: E402
+from ..chat import last_user_text  # noqa: E402
 from ..errors import InvalidInputError  # noqa: E402
 from ..generation import Chunk, SamplingParams  # noqa: E402
 from ..lora import Adapter  # noqa: E402
@@ -153,6 +155,11 @@ class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
         default="context",
         description="A referenced document whose consolidation is pending is served by its text in the prompt "
         "('context') or by its instant hypernetwork adapter ('instant').",
+    )
+    select_adapters: bool = Field(
+        default=True,
+        description="activate only the retrieved documents' adapters that make the question more likely "
+        "(adapters/routing.py); False activates every verified reference's adapter",
     )
     generate_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -279,6 +286,8 @@ class HyperLoRALLM(FunctionCallingLLM, CustomLLM):
             if not isinstance(adapter, Adapter):
                 raise InvalidInputError(f"adapters must be Adapter objects, got {type(adapter).__name__}")
         resolution = self._get_resolver().resolve(messages)
+        if self.select_adapters:
+            resolution = route(self._model, resolution, last_user_text(resolution.messages))
         adapters = extra + [a for a in resolution.adapters if all(a.id != e.id for e in extra)]
         if "max_tokens" in kwargs and "max_new_tokens" in kwargs:
             raise TypeError("pass max_new_tokens or max_tokens, not both")
