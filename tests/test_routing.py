@@ -8,13 +8,14 @@ core resolution and through ChatHyperLoRA and HyperLoRALLM (``select_adapters=Fa
 from __future__ import annotations
 
 import pytest
+from conftest import make_tiny_model
 
 from hyperlora_integrations.adapters import InternalizedCorpus, ReferenceResolver, routing
 from hyperlora_integrations.consolidation import ConsolidationConfig
 
 QUESTION = "What colour is the lantern that Miriel Vost keeps above the harbour gate?"
 OTHER = "The Quorran rail bridge opened in 1911 and carried coal trains between Attel and Brimwick."
-FIT = ConsolidationConfig(steps=25, batch_size=2, max_seq_tokens=96, lr=3e-2)
+FIT = ConsolidationConfig(steps=15, batch_size=2, max_seq_tokens=96, lr=3e-2)
 
 
 def test_greedy_selection_adds_an_adapter_only_when_it_makes_the_question_more_likely(monkeypatch):
@@ -26,9 +27,12 @@ def test_greedy_selection_adds_an_adapter_only_when_it_makes_the_question_more_l
     assert routing.select(None, "  ", ["c", "a"]) == [0, 1]  # no question: nothing to judge by
 
 
-@pytest.fixture()
-def two_documents(fresh_tiny_model, store):
-    model = fresh_tiny_model
+@pytest.fixture(scope="module")
+def two_documents(tmp_path_factory):
+    from hyperlora_integrations.adapters import AdapterStore
+
+    model = make_tiny_model()
+    store = AdapterStore(tmp_path_factory.mktemp("routing") / "store")
     corpus = InternalizedCorpus(model, store, namespace="docs")
     ids = corpus.add_texts([QUESTION, OTHER], consolidate=False)
     for doc_id, text in zip(ids, [QUESTION, OTHER], strict=True):
@@ -36,7 +40,8 @@ def two_documents(fresh_tiny_model, store):
         adapter.metadata.id = doc_id
         store.put(adapter, namespace="docs", text=text)
     refs = [corpus.search(text, k=1)[0].reference for text in (QUESTION, OTHER)]
-    return model, store, ids, refs
+    yield model, store, ids, refs
+    store.close()
 
 
 def test_the_adapter_that_explains_the_question_is_kept(two_documents):
