@@ -3,6 +3,9 @@
 It holds one frozen base model, its tokenizer, the LoRA injector and (optionally) the Doc-to-LoRA
 and Text-to-LoRA hypernetworks. Everything per-request (adapters, sampling) is an argument, never
 state, so one instance serves many threads and asyncio tasks at once.
+
+Scoring (``score``, ``score_detailed``, ``score_options``) is in ``_scoring.py``; the
+fingerprint and default-model checks are in ``_identity.py``. Both are importable from here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._identity import DEFAULT_HUB_ID, _names_default, _shipped_fingerprint, fingerprint, is_default_model
+from ._scoring import ScoringMixin
 from .base_model import DEFAULT_MODEL_NAME, BaseModel, load_base_model
 from .chat import Prompt, encode_chat, encode_text, to_messages
 from .errors import HypernetworkMissingError, InvalidInputError
@@ -33,49 +38,9 @@ DEFAULT = "default"
 _GRAMMAR_KEYS = ("json_schema", "regex", "tools", "tool_choice", "parallel_tool_calls")
 """Call options that constrain decoding to a grammar (``constrained.py``)."""
 _DEFAULT_STORE_LOCK = threading.Lock()
-DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""The Hugging Face id of the default model, recorded in exported adapters."""
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """Architecture identity: adapters and hypernets only fit models with the same shapes."""
-    c = model.config
-    return (
-        f"{c.model_type}:L{c.num_hidden_layers}:H{c.hidden_size}:I{getattr(c, 'intermediate_size', 0)}:V{c.vocab_size}"
-    )
-
-
-def _names_default(base_model: str | os.PathLike | None) -> bool:
-    """``"SmolLM2-135M-Instruct"`` or its hub id, unless a local folder of that name exists."""
-    return (
-        base_model is not None
-        and str(base_model) in (DEFAULT_MODEL_NAME, DEFAULT_HUB_ID)
-        and not Path(base_model).exists()
-    )
-
-
-def _shipped_fingerprint() -> str | None:
-    """The base-model fingerprint the shipped checkpoints were trained for (None if absent)."""
-    import json
-
-    from .hypernets.checkpoint import CONFIG_NAME, SHIPPED
-
-    try:
-        return json.loads((SHIPPED["d2l"] / CONFIG_NAME).read_text()).get("base_fingerprint")
-    except (OSError, ValueError):
-        return None
-
-
-def is_default_model(model: torch.nn.Module, name: str) -> bool:
-    """Whether a loaded model is the default one: its name and its architecture fingerprint.
-
-    The cached fp32 folder (``.../SmolLM2-135M-Instruct-fp32``), the embedded default and the hub
-    copy all qualify; a same-shaped model of another name (SmolLM2-135M base) does not.
-    """
-    return name == DEFAULT_MODEL_NAME and fingerprint(model) == _shipped_fingerprint()
-
-
-class HyperLoRAModel:
+class HyperLoRAModel(ScoringMixin):
     """A frozen causal LM plus hypernetworks; adapters are applied per call."""
 
     def __init__(
@@ -505,65 +470,3 @@ class HyperLoRAModel:
     def generate(self, prompt: Prompt, adapters: Sequence[Adapter] = (), **kwargs) -> str:
         """Answer ``prompt`` (a string or chat messages) with ``adapters`` active for this call."""
         return self.complete(prompt, adapters, **kwargs).text
-
-    # ------------------------------------------------------------------ scoring
-    def score_detailed(
-        self,
-        prompt: Prompt,
-        completion: str,
-        adapters: Sequence[Adapter] = (),
-        *,
-        system: str | None = None,
-        context: str | None = None,
-    ) -> tuple[float, int]:
-        """(summed NLL in nats, number of completion tokens) of ``completion`` after ``prompt``."""
-        adapters = self._checked(adapters)
-        prompt_ids = self.encode(prompt, system=system, context=context)
-        target = encode_text(self.tokenizer, completion)
-        if not target:
-            raise InvalidInputError("completion is empty")
-        ids = torch.tensor([prompt_ids + target], device=self.base.device)
-        with torch.no_grad(), self.injector.activate(adapters):
-            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-        nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, len(prompt_ids) :], reduction="sum")
-        return float(nll), len(target)
-
-    def score_options(
-        self,
-        prompt: Prompt,
-        options: Sequence[str],
-        adapters: Sequence[Adapter] = (),
-        *,
-        system: str | None = None,
-        context: str | None = None,
-    ) -> list[tuple[float, int]]:
-        """``score_detailed`` of each option after one shared prompt.
-
-        Multiple-choice scoring spends nearly all its time on the prompt; it is encoded once and
-        its KV cache is cropped back after each option instead of being recomputed per option.
-        """
-        adapters = self._checked(adapters)
-        prompt_ids = self.encode(prompt, system=system, context=context)
-        targets = [encode_text(self.tokenizer, option) for option in options]
-        if not targets or not all(targets):
-            raise InvalidInputError("options must be non-empty strings")
-        device = self.base.device
-        scores = []
-        with torch.no_grad(), self.injector.activate(adapters):
-            out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-            cache, first = out.cache, out.logits[0, -1:]
-            for target in targets:
-                logits = first
-                if len(target) > 1:
-                    rest = self.model(input_ids=torch.tensor([target[:-1]], device=device), cache=cache)
-                    logits = torch.cat([first, rest.logits[0]])
-                    cache.crop(-(len(target) - 1))  # negative: tokens to drop (old and new API alike)
-                nll = torch.nn.functional.cross_entropy(
-                    logits.float(), torch.tensor(target, device=device), reduction="sum"
-                )
-                scores.append((float(nll), len(target)))
-        return scores
-
-    def score(self, prompt: Prompt, completion: str, adapters: Sequence[Adapter] = (), **kwargs) -> float:
-        """Summed negative log-likelihood of ``completion`` given ``prompt``: our quality basis."""
-        return self.score_detailed(prompt, completion, adapters, **kwargs)[0]
