@@ -139,6 +139,9 @@ class IndexMixin:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # Deleted rows (a removed document's text, a forgotten conversation) are overwritten,
+            # not left readable in free pages; the default depends on how SQLite was built.
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)

@@ -149,7 +149,8 @@ class BackgroundWorker:
         return adapter, text
 
     def _consolidate(self, job: Job) -> Adapter:
-        """Learn the document into its adapter, from the stored instant adapter when asked to.
+        """Learn the document into its adapter, from the stored instant adapter when asked to
+        (``warm_start``), or from another stored adapter of the namespace (``warm_start_from``).
 
         A skill's job (``options["target"] == "skill"``, queued by ``SkillLibrary.add(...,
         consolidate="background")``) distils its description instead; the payload is the
@@ -164,7 +165,12 @@ class BackgroundWorker:
             adapter.metadata.skill_name = options.get("skill_name")
             return adapter
         start = None
-        if options.get("warm_start"):
+        if options.get("warm_start_from"):
+            # A memory job continues the adapter the previous job left (``memory.jobs``). Starting
+            # from zero instead would drop everything learned before, so a missing start fails
+            # the job (its turns stay served as text) rather than silently forgetting.
+            start = self.store.get(str(options["warm_start_from"]), namespace=job.namespace)
+        elif options.get("warm_start"):
             try:
                 start = self.store.get(job.id, namespace=job.namespace)
             except AdapterNotFoundError:  # no hypernetwork, or deleted meanwhile: start from zero
