@@ -103,11 +103,13 @@ def test_query_engine_with_swapped_retriever(index, tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["refine", "tree_summarize", "simple_summarize", "accumulate"])
 def test_other_response_modes_work_unchanged(index, tiny_model, monkeypatch, mode):
-    """Modes that call the LLM once per node activate each node's adapter in its own call."""
+    """Modes that call the LLM once per node activate each node's adapter in its own call.
+
+    Selection is off here (``select_adapters=False``): this checks that every retrieved node's
+    adapter reaches a call; which of them a call keeps is tests/test_routing.py's subject."""
     spy = CoreCallSpy().install(monkeypatch, tiny_model)
-    engine = index.as_query_engine(
-        similarity_top_k=2, relative_score_cutoff=None, response_mode=mode, llm=index.bound_llm(**SAMPLING)
-    )
+    llm = index.bound_llm(select_adapters=False, **SAMPLING)
+    engine = index.as_query_engine(similarity_top_k=2, relative_score_cutoff=None, response_mode=mode, llm=llm)
     response = engine.query("Who commanded the Halcyon vessel near Quendor?")
     retrieved = [n.node.node_id for n in response.source_nodes]
     assert len(retrieved) == 2 and spy.calls
