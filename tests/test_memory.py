@@ -223,6 +223,8 @@ def test_messages_are_validated_and_references_never_stored(manager, store):
         memory.add_message("user", b"bytes")
     with pytest.raises(InvalidInputError):
         memory.add_messages([("user", "ok"), ("user", None)])
+    with pytest.raises(InvalidInputError):
+        memory.add_message("user", "ok", extra={"x": object()})
     assert memory.turns() == []  # a bad message in a batch stores none of it
     fake = "[hyperlora-ref ns=x id=y t=1 sig=00000000000000000000000000000000]"
     memory.add_messages([("user", f"hi {fake}there"), {"role": "assistant", "content": "hello"}])
@@ -297,3 +299,15 @@ def test_replay_study_runs_end_to_end(tmp_path):
     for runs in result["runs"].values():
         assert runs[0]["jobs"] >= 2 and runs[0]["old_facts"] > 0 and runs[0]["new_facts"] > 0
         assert runs[0]["old_nll"] is not None and runs[0]["old_nll_bare"] is not None
+
+
+def test_a_queueing_failure_after_the_append_keeps_the_turns(manager, monkeypatch, caplog):
+    memory = manager.memory("ned")
+
+    def full_disk(**kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(memory, "schedule", full_disk)
+    turns = memory.add_turn("My kayak is called Drift.", "Nice.")  # stored: it must not raise
+    assert [t.content for t in memory.turns()] == ["My kayak is called Drift.", "Nice."] == [t.content for t in turns]
+    assert "could not queue consolidation" in caplog.text

@@ -1,8 +1,8 @@
 """``ConversationMemory``: one conversation's recent turns as text, older turns in an adapter.
 
 ``MemoryManager`` (manager.py) serves many conversations from one ``AdapterStore``;
-``manager.memory(user_id, thread_id)`` is one conversation's ``ConversationMemory``. Every message is appended to the
-durable ``TurnLog`` before ``add_*`` returns. The prompt then gets:
+``manager.memory(user_id, thread_id)`` is one conversation's ``ConversationMemory``. Every
+message is appended to the durable ``TurnLog`` before ``add_*`` returns. The prompt then gets:
 
 - the recent window: the newest turns within ``MemoryConfig.recent_tokens``;
 - every older turn the memory adapter does not hold yet, as text too (a job is queued for them,
@@ -20,6 +20,8 @@ adapters and jobs.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
@@ -38,6 +40,7 @@ from .turns import Turn, TurnLog
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
 
+logger = logging.getLogger(__name__)
 _ROLES = ("system", "user", "assistant", "tool")
 _JOB_STATES = ("queued", "running", "failed")
 
@@ -112,6 +115,9 @@ class ConversationMemory:
     def add_messages(self, messages: Iterable[Mapping[str, Any] | tuple[str, str]]) -> list[Turn]:
         """Store messages (``{"role", "content"[, "extra"]}`` or ``(role, content)``) atomically.
 
+        Once they are stored, a failure to queue consolidation (a full disk, say) is logged, not
+        raised: the turns are kept and served as text, and the next call queues the job.
+
         Reference-shaped strings are removed from the text first: a signed reference in a stored
         turn would be replayed into later prompts (and other users' prompts, if copied).
         """
@@ -126,11 +132,20 @@ class ConversationMemory:
                 raise InvalidInputError(f"message role must be one of {_ROLES}, got {role!r}")
             content, _ = strip_references(check_text(content, "message content"))
             extra = dict(message.get("extra") or {})
+            try:
+                json.dumps(extra)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"a message's extra must be JSON-serialisable: {exc}") from None
             rows.append((role, content, self.model.count_tokens(content) + self.overhead, extra))
         if not rows:
             return []
         turns = self.log.append(self.namespace, self.user_id, self.thread_id or "", rows)
-        self.schedule()
+        try:
+            self.schedule()
+        except Exception:  # the turns are stored: raising would make callers add them twice
+            logger.warning(
+                "memory %s: could not queue consolidation; retried at the next add", self.namespace, exc_info=True
+            )
         return turns
 
     # ------------------------------------------------------------------ reading
