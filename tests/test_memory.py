@@ -132,6 +132,7 @@ def test_incremental_jobs_warm_start_from_the_previous_adapter(fresh_tiny_model,
     fill(memory, facts("fay", 4, start=5))
     [job] = store.pending(namespace=memory.namespace)
     assert job.options["warm_start_from"] == first.id
+    assert job.options["user_metadata"]["memory"]["warm_start_from"] == first.id  # recorded on the adapter
     assert job.options["config"]["chunk_tokens"] == 8192  # never split: a chunk would start from zero
     memory.consolidate_now()
     second = memory.adapter()

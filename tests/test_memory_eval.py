@@ -67,6 +67,7 @@ def test_eval_memory_runs_end_to_end(fresh_tiny_model, tmp_path, monkeypatch):
     assert set(summary["latency"]) == {"full", "truncated", "consolidated"}
     for user, info in result["memories"].items():
         assert info["status"]["adapter_bytes"] > 0 and info["adapter"]["steps"] == 2, user
+        assert info["adapter"]["memory"]["warm_start_from"], user  # the last job continued the first
     pytest.importorskip("matplotlib")
     assert result["plot"] and (tmp_path / "memory.png").stat().st_size > 0
     # Cached: a rerun trains nothing and serves the same adapters.

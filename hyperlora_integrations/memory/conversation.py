@@ -297,7 +297,12 @@ class ConversationMemory:
                     "seed": self.config.seed + job.through,
                     "source": "memory",
                     "user_metadata": {
-                        "memory": {"through": job.through, "new": len(job.new), "replay": len(job.replay)}
+                        "memory": {
+                            "through": job.through,
+                            "new": len(job.new),
+                            "replay": len(job.replay),
+                            "warm_start_from": previous,
+                        }
                     },
                 },
             )

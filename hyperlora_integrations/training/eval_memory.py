@@ -87,7 +87,11 @@ def build_memory(model: HyperLoRAModel, user: dict, config: MemoryConfig, cache:
     return {
         "memory": memory,
         "seconds": time.perf_counter() - start,
-        "adapter": adapter.metadata.model_extra.get("consolidation", {}) if adapter else {},
+        # the last job's fit, and what it learned from (``warm_start_from``: the adapter it continued)
+        "adapter": {
+            **(adapter.metadata.model_extra.get("consolidation", {}) if adapter else {}),
+            "memory": (adapter.metadata.model_extra.get("user_metadata") or {}).get("memory") if adapter else None,
+        },
         "status": {"turns": status.turns, "window_turns": status.window_turns, "adapter_bytes": status.adapter_bytes},
     }
 
