@@ -100,7 +100,14 @@ def test_same_id_in_two_namespaces_applies_both_and_labels_each(tiny_model, stor
         return original(messages, adapters, **kwargs)
 
     monkeypatch.setattr(tiny_model, "stream_chunks", record)
-    llm = ChatHyperLoRA(model=tiny_model, adapter_store=store, reference_namespaces=["alpha", "beta"], max_tokens=2)
+    # Selection off: this checks that both namespaces' adapters reach the call (routing is test_routing.py's).
+    llm = ChatHyperLoRA(
+        model=tiny_model,
+        adapter_store=store,
+        reference_namespaces=["alpha", "beta"],
+        max_tokens=2,
+        select_adapters=False,
+    )
     meta = llm.invoke(prompt).response_metadata
     weights = [a.A["down_proj"] for a in applied[-1]]
     assert len(weights) == 2 and not torch.equal(weights[0], weights[1])  # both namespaces' weights
