@@ -28,6 +28,36 @@ from typing import Any
 from ..errors import AdapterNotFoundError, HyperLoRAError, UnsafeFileError
 from ..lora import Adapter, AdapterMetadata
 
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``db``, rolled back on any exception.
+
+    SQLite may already have rolled back (SQLITE_FULL does); a second ROLLBACK would raise "no
+    transaction is active" and hide the real error, so it is only issued inside a transaction.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        raise
+
+
+def close_all(conns: list[sqlite3.Connection]) -> None:
+    """Close every connection, ignoring ones SQLite already considers broken."""
+    for conn in conns:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+
 try:  # POSIX; elsewhere writers are only serialised within one process (documented)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -191,20 +221,8 @@ class IndexMixin:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: rolled back on any exception (and by SQLite on a crash)."""
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back (SQLITE_FULL does); a second ROLLBACK would
-                # raise "no transaction is active" and hide the real error.
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+        with self._db() as db, immediate(db):
+            yield db
 
     @contextmanager
     def write_lock(self) -> Iterator[None]:

@@ -53,7 +53,7 @@ from ..errors import AdapterNotFoundError, InvalidInputError, UnsafeFileError
 from ..lora import Adapter, AdapterMetadata
 from ..lora.adapter import read_safetensors_header
 from ._blobs import BlobsMixin, check_name
-from ._index import _SCHEMA, _STORES, IndexMixin, StoreWriteError, _is_write_failure
+from ._index import _SCHEMA, _STORES, IndexMixin, StoreWriteError, _is_write_failure, close_all
 from ._keys import store_signer
 from ._queue import _JOB_COLUMNS, JOB_KINDS, Job, QueueMixin, _job
 
@@ -136,11 +136,7 @@ class AdapterStore(IndexMixin, BlobsMixin, QueueMixin):
             self.unregister_worker(token)
         with self._lock:
             conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        close_all(conns)
         self._local = threading.local()
 
     def __enter__(self) -> AdapterStore:

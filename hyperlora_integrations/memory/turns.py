@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..adapters._index import close_all, immediate
 from ..errors import UnsafeFileError
 
 FILENAME = "memory.sqlite"
@@ -105,18 +106,8 @@ class TurnLog:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+        with self._db() as db, immediate(db):
+            yield db
 
     # ------------------------------------------------------------------ writes
     def append(
@@ -213,9 +204,5 @@ class TurnLog:
     def close(self) -> None:
         with self._lock:
             conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        close_all(conns)
         self._local = threading.local()
