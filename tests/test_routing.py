@@ -81,3 +81,20 @@ def test_chat_model_and_llm_select_adapters_by_default(two_documents):
     llm = HyperLoRALLM(model, store=store, namespaces=["docs"], max_new_tokens=2)
     out = llm.chat([ChatMessage(role="user", content=text)])
     assert out.raw["served_by"] == {own: "consolidated", other: routing.SKIPPED}
+
+
+def test_serving_engine_selects_among_referenced_adapters(two_documents):
+    from hyperlora_integrations.serving.engine import ServingEngine
+    from hyperlora_integrations.serving.schemas import ChatCompletionRequest
+
+    model, store, (own, other), refs = two_documents
+    body = {"model": model.name, "max_tokens": 2}
+    body["messages"] = [{"role": "user", "content": f"Context: {refs[1]} {refs[0]}\n{QUESTION}"}]
+    req = ChatCompletionRequest.model_validate(body)
+    for select, expected in ((True, {own: "consolidated", other: routing.SKIPPED}), (False, None)):
+        engine = ServingEngine(model, store, namespaces=["docs"], select_adapters=select)
+        plan = engine.plan(req, engine.targets(req.model), [])
+        if expected is None:
+            assert sorted(a.id for a in plan.adapters) == sorted([own, other])
+        else:
+            assert [a.id for a in plan.adapters] == [own] and plan.served_by == expected

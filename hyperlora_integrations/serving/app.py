@@ -71,6 +71,7 @@ class HyperLoRAServer:
             default_max_tokens=cfg.default_max_tokens,
             default_temperature=cfg.default_temperature,
             max_prompt_tokens=cfg.max_prompt_tokens,
+            select_adapters=cfg.select_adapters,
         )
         if cfg.batching:  # concurrent requests of this replica decode as rows of one batch
             self.model.enable_batching(max_batch_size=cfg.max_ongoing_requests)

@@ -43,6 +43,11 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens when a request sets no max_tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--store-resource", default=None, help="custom Ray resource of the node holding the store")
+    p.add_argument(
+        "--no-select-adapters",
+        action="store_true",
+        help="activate every referenced adapter (default: only those that make the question more likely)",
+    )
     args = p.parse_args(argv)
     from pydantic import ValidationError
 
@@ -61,6 +66,7 @@ def serve_main(argv: list[str]) -> int:
             default_max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens,
             store_resource=args.store_resource,
+            select_adapters=not args.no_select_adapters,
         )
     except ValidationError as exc:
         print(f"hyperlora serve: bad options: {exc}", file=sys.stderr)

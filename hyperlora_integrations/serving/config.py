@@ -41,6 +41,9 @@ class ServeConfig(BaseModel):
     default_temperature: float = Field(0.0, ge=0, le=2)
     """Used when a request has no ``temperature`` (OpenAI's default is 1.0; ours is greedy)."""
     max_prompt_tokens: int | None = Field(None, ge=1)
+    select_adapters: bool = True
+    """Of several adapters activated by signed references, keep those that make the user's
+    message more likely (as ``ChatHyperLoRA``); ``False`` activates every verified reference."""
     max_request_bytes: int = Field(8 * 2**20, ge=1024)
 
     @field_validator("namespaces")

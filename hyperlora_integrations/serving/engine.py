@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..adapters.corpus import InternalizedCorpus, ReferenceResolver
+from ..adapters.routing import route
 from ..adapters.store import AdapterStore, check_name
 from ..batching import AdapterScope, achunks_from_tokens
-from ..chat import encode_text
+from ..chat import encode_text, last_user_text
 from ..errors import AdapterNotFoundError, InvalidInputError
 from ..generation import Chunk, SamplingParams, chunks_from_tokens, stream_tokens
 from ..lora import Adapter
@@ -91,6 +92,9 @@ class ServingEngine:
     ``namespaces[0]`` is where ``POST /v1/documents`` puts documents; a ``model`` value may name
     an adapter of any listed namespace by id (first match in order), as ``namespace/id``, or a
     skill by its name. ``max_prompt_tokens`` caps prompts below the context window.
+    ``select_adapters`` (default, as ``ChatHyperLoRA``): of the adapters that signed references in
+    a chat request activate, keep those that make the user's last message more likely
+    (``adapters.routing``); adapters named by ``model``/``adapters`` are always used.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class ServingEngine:
         default_temperature: float = 0.0,
         max_prompt_tokens: int | None = None,
         reference_ttl: float | None = 3600.0,
+        select_adapters: bool = True,
     ) -> None:
         if isinstance(namespaces, str) or not namespaces:
             raise InvalidInputError("namespaces takes a non-empty list of namespaces")
@@ -115,6 +120,7 @@ class ServingEngine:
         self.default_temperature = default_temperature
         self.max_prompt_tokens = max_prompt_tokens
         self.resolver = ReferenceResolver(store, namespaces=self.namespaces, ttl=reference_ttl)
+        self.select_adapters = select_adapters
         self._corpus: InternalizedCorpus | None = None
 
     @property
@@ -214,6 +220,10 @@ class ServingEngine:
         served.update({t.key: "context" for t in targets if t.text is not None})
         if isinstance(req, ChatCompletionRequest):
             resolution = self.resolver.resolve([m.core() for m in req.messages])
+            if (
+                self.select_adapters
+            ):  # as ChatHyperLoRA: references whose adapter does not explain the question are skipped
+                resolution = route(self.model, resolution, last_user_text(resolution.messages))
             for adapter in resolution.adapters:
                 if all(a.id != adapter.id for a in adapters):
                     adapters.append(adapter)
