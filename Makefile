@@ -19,11 +19,13 @@ install:
 demo:
 	HF_HUB_OFFLINE=1 $(BIN)/hyperlora demo
 
+# Two workers (CI has 2 cores), one test file per worker at a time: module fixtures (a local Ray,
+# the real model) are set up once, and each worker's torch runs on one thread (tests/conftest.py).
 test:
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast:
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint:
 	$(BIN)/ruff check hyperlora_integrations tests examples research

@@ -121,6 +121,14 @@ def path(request, tiny_model):
     tiny_model.disable_batching()
 
 
+def wait_idle(batcher, timeout: float = 10.0) -> None:
+    """Rows are removed by the scheduler thread just after their last token is delivered, so a
+    caller can hold its whole answer a moment before the batch is empty."""
+    deadline = time.time() + timeout
+    while batcher.active_rows and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, path):
     barrier = threading.Barrier(N)
     results: list[tuple[int, ...] | None] = [None] * N
@@ -138,6 +146,7 @@ def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, pa
     assert active_weights() is None
     if path is not None:  # they really shared steps, and every row and adapter slot was freed
         assert path.stats["max_rows"] >= 8 and path.stats["steps"] < N * NEW_TOKENS // 4
+        wait_idle(path)
         assert path.active_rows == 0 and len(path._slots) == 0
 
 
@@ -222,6 +231,7 @@ async def test_batched_asyncio_streams_match_sequential_token_ids(tiny_model, re
 
         results = await asyncio.gather(*(one(p, a) for p, a in requests))
         assert list(results) == sequential
+        await asyncio.to_thread(wait_idle, batcher)
         assert batcher.stats["max_rows"] >= 8 and batcher.active_rows == 0
     finally:
         tiny_model.disable_batching()
@@ -248,9 +258,7 @@ def test_batched_cancelled_stream_frees_its_row_and_others_are_unaffected(tiny_m
         for t in threads:
             t.join()
         assert results == sequential
-        deadline = time.time() + 10
-        while batcher.active_rows and time.time() < deadline:
-            time.sleep(0.01)
+        wait_idle(batcher)
         assert batcher.active_rows == 0 and len(batcher._slots) == 0
         assert batcher.stats["cancelled"] == 8
         assert batcher.stats["row_steps"] < 8 * 400  # the abandoned rows did not run to their budget
