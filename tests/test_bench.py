@@ -346,3 +346,17 @@ def test_long_document_check_puts_the_needle_in_the_last_chunk(tiny_model, tmp_p
     assert summary["peak_rss_gib"] >= summary["rss_after_load_gib"] > 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["nll_none"] for r in rows} != {r["nll_adapter"] for r in rows}
+
+
+def test_consolidated_skill_timing_is_measured_and_reported(tiny_model):
+    from hyperlora_integrations.bench.report import _skill_section
+    from hyperlora_integrations.bench.runner import SKILL_CONSOLIDATE_DESCRIPTIONS, measure_skill_consolidation
+    from hyperlora_integrations.consolidation import ConsolidationConfig
+    from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig
+
+    small = SkillConsolidationConfig(training=ConsolidationConfig(steps=3, batch_size=2), pools={"words": 4})
+    timing = measure_skill_consolidation(tiny_model, 1, small)
+    (run,) = timing["runs"]
+    assert run["description"] == SKILL_CONSOLIDATE_DESCRIPTIONS[0] and run["steps"] > 0 and run["inputs"] > 0
+    assert 0 < run["targets_s"] + run["training_s"] <= run["wall_s"] == timing["median_wall_s"]
+    assert "Consolidated skills" in "\n".join(_skill_section({"consolidated": timing}, {}))

@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward pass")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default 2000; quick 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--skill-consolidate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N consolidated skills (generate_skill(..., consolidate=True); at most 3)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="re-render report.md and plots from OUT/results.json")
@@ -135,6 +142,7 @@ def build_config(args):
         seed=args.seed,
         resamples=args.resamples or (1000 if quick else 2000),
         skill_runs=3 if quick else 5,
+        skill_consolidate_runs=args.skill_consolidate,
         prefill_chunk=args.prefill_chunk,
     )
 

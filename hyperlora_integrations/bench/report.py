@@ -148,21 +148,7 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
 
     lines += _depth_section(results)
 
-    skill = results.get("skill")
-    lines += ["", "## `generate_skill` latency (Text-to-LoRA, one-sentence description)", ""]
-    if skill:
-        t2l = meta.get("checkpoints", {}).get("t2l", {})
-        note = (
-            ""
-            if t2l.get("trained", True)
-            else " The T2L net was untrained (random init); latency does not depend on the weights."
-        )
-        lines.append(
-            f'"{skill["description"]}": first call {_sec(skill["cold_s"])}, warm median {_sec(skill["warm_median_s"])} '
-            f"over {skill['warm_runs']} calls, adapter {_bytes(skill['adapter_bytes'])}.{note}"
-        )
-    else:
-        lines.append("Not measured (no Text-to-LoRA network loaded).")
+    lines += _skill_section(results.get("skill"), meta)
 
     if results.get("distill_losses"):
         lines += ["", "## Context distillation (condition 7) training loss, first -> last step", ""]
@@ -184,6 +170,38 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
             lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({name})", ""]
     lines += ["", "## How to read this", "", *_NOTES]
     return "\n".join(lines) + "\n"
+
+
+def _skill_section(skill: dict | None, meta: dict) -> list[str]:
+    """One-pass skill latency, and the consolidated skills' wall clock when measured."""
+    lines = ["", "## `generate_skill` latency (Text-to-LoRA, one-sentence description)", ""]
+    if skill and "cold_s" in skill:
+        t2l = meta.get("checkpoints", {}).get("t2l", {})
+        note = (
+            ""
+            if t2l.get("trained", True)
+            else " The T2L net was untrained (random init); latency does not depend on the weights."
+        )
+        lines.append(
+            f'"{skill["description"]}": first call {_sec(skill["cold_s"])}, warm median {_sec(skill["warm_median_s"])} '
+            f"over {skill['warm_runs']} calls, adapter {_bytes(skill['adapter_bytes'])}.{note}"
+        )
+    else:
+        lines.append("Not measured (no Text-to-LoRA network loaded).")
+    consolidated = (skill or {}).get("consolidated")
+    if consolidated:
+        lines += ["", "## Consolidated skills (`generate_skill(..., consolidate=True)`)", ""]
+        lines += [
+            "| description | wall clock | teacher targets | training | steps | inputs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in consolidated["runs"]:
+            lines.append(
+                f"| {r['description']} | {_sec(r['wall_s'])} | {_sec(r['targets_s'] or 0)} | "
+                f"{_sec(r['training_s'] or 0)} | {r['steps']} | {r['inputs']} |"
+            )
+        lines.append(f"\nMedian wall clock {_sec(consolidated['median_wall_s'])}.")
+    return lines
 
 
 def _length_section(e: dict, conds: dict) -> list[str]:

@@ -41,6 +41,7 @@ class BenchConfig:
     seed: int = 0
     resamples: int = 2000
     skill_runs: int = 5
+    skill_consolidate_runs: int = 0  # consolidated skills timed (issue 22's 60 s bar); 0: not measured
     prefill_chunk: int = 2048
 
 
@@ -144,6 +145,36 @@ def measure_skill(model, runs: int, description: str = SKILL_DESCRIPTION) -> dic
     }
 
 
+SKILL_CONSOLIDATE_DESCRIPTIONS = (  # short-answer tasks of the kind a user writes; none is in the eval fixtures
+    "Write the opposite of the given English adjective.",
+    "Give the number of letters in the given word, as digits.",
+    "Name the season in which the given month falls in the northern hemisphere.",
+)
+
+
+def measure_skill_consolidation(model, runs: int, config=None) -> dict:
+    """Wall-clock seconds of ``generate_skill(description, consolidate=True)``: the teacher's
+    targets (the model answering pool inputs with the description in its prompt) and the
+    gradient steps, as the adapter's metadata splits them."""
+    out = []
+    for description in SKILL_CONSOLIDATE_DESCRIPTIONS[:runs]:
+        t0 = time.perf_counter()
+        adapter = model.generate_skill(description, consolidate=True, config=config)
+        wall = time.perf_counter() - t0
+        info = adapter.metadata.model_extra.get("consolidation", {})
+        out.append(
+            {
+                "description": description,
+                "wall_s": wall,
+                "targets_s": info.get("targets_seconds"),
+                "training_s": info.get("seconds"),
+                "steps": info.get("steps"),
+                "inputs": info.get("distilled_inputs"),
+            }
+        )
+    return {"runs": out, "median_wall_s": median(r["wall_s"] for r in out) if out else None}
+
+
 # ---------------------------------------------------------------------- the run
 def run(
     model,
@@ -171,6 +202,8 @@ def run(
     data_s = time.perf_counter() - t0
 
     skill = measure_skill(model, cfg.skill_runs) if model.t2l is not None else None
+    if cfg.skill_consolidate_runs:
+        skill = {**(skill or {}), "consolidated": measure_skill_consolidation(model, cfg.skill_consolidate_runs)}
 
     def n_queries(length: int, key: str, q: int) -> int:
         if key == "stuff" and "stuff_kv" in order and length in cfg.stuff_queries:
