@@ -18,6 +18,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
+def wait_idle(batcher, timeout: float = 10.0) -> None:
+    """Wait until a ``BatchScheduler`` has no rows: the scheduler thread removes a row just after
+    delivering its last token, so a caller can hold its whole answer a moment before that."""
+    import time
+
+    deadline = time.time() + timeout
+    while batcher.active_rows and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def make_tiny_model(seed: int = 0, chunk_len: int = 64):
     from hyperlora_integrations.testing import tiny_hyperlora_model
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, wait_idle
 
 from hyperlora_integrations.batching import AdapterScope, SlotTable
 from hyperlora_integrations.errors import InvalidInputError
@@ -79,6 +79,7 @@ def test_batched_rows_decode_exactly_as_alone(model, requests):
         (c.text, c.finish_reason, c.completion_tokens) for c in alone
     ]
     assert batcher.stats["max_rows"] > 1 and batcher.stats["steps"] < sum(c.completion_tokens for c in alone)
+    wait_idle(batcher)
     assert batcher.active_rows == 0 and len(batcher._slots) == 0  # every row and slot released
 
 
@@ -138,6 +139,7 @@ def test_streams_and_cancellation_free_the_row(model):
     stream.close()  # the consumer walks away: the row must go at the next step
     while batcher.active_rows and time.time() < deadline:
         time.sleep(0.01)
+    wait_idle(batcher)
     assert batcher.active_rows == 0 and len(batcher._slots) == 0
     assert batcher.stats["cancelled"] == 1
     assert batcher.stats["row_steps"] < 100  # it did not decode its 500 tokens

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import wait_idle
 from transformers import LogitsProcessor
 
 from hyperlora_integrations.adapters import AdapterStore, InternalizedCorpus, ReferenceResolver, store_signer
@@ -119,14 +119,6 @@ def path(request, tiny_model):
     batcher = tiny_model.enable_batching(max_batch_size=N) if request.param == "batched" else None
     yield batcher
     tiny_model.disable_batching()
-
-
-def wait_idle(batcher, timeout: float = 10.0) -> None:
-    """Rows are removed by the scheduler thread just after their last token is delivered, so a
-    caller can hold its whole answer a moment before the batch is empty."""
-    deadline = time.time() + timeout
-    while batcher.active_rows and time.time() < deadline:
-        time.sleep(0.01)
 
 
 def test_threads_match_sequential_token_ids(tiny_model, requests, sequential, path):

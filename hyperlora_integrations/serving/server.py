@@ -32,7 +32,13 @@ def start(
 
     from .app import build_app
 
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except TimeoutError:
+        # Ray waits a fixed 60 s for its HTTP proxy; on a loaded machine the proxy is still starting
+        # then. The controller exists, so a second start connects to it, and the /health poll below
+        # waits for the proxy within our own ``timeout``.
+        serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout
