@@ -21,15 +21,33 @@ from hyperlora_integrations.consolidation import ConsolidationConfig
 from hyperlora_integrations.training.eval_fictional import load_fixture
 
 
-def text_of(model: HyperLoRAModel, tokens: int) -> str:
+def docs_of(model: HyperLoRAModel, tokens: int) -> list[dict]:
     """Whole dev documents, as many as fit in ``tokens`` (one consolidation chunk at 512)."""
-    parts: list[str] = []
+    docs: list[dict] = []
     for doc in load_fixture("dev"):
-        candidate = "\n\n".join([*parts, doc["text"]])
+        candidate = "\n\n".join([d["text"] for d in docs] + [doc["text"]])
         if len(encode_text(model.tokenizer, candidate)) > tokens:
             break
-        parts.append(doc["text"])
-    return "\n\n".join(parts)
+        docs.append(doc)
+    return docs
+
+
+def text_of(model: HyperLoRAModel, tokens: int) -> str:
+    return "\n\n".join(d["text"] for d in docs_of(model, tokens))
+
+
+def quality(model: HyperLoRAModel, docs: list[dict], **kwargs) -> dict:
+    """Gold-answer NLL per token and greedy answers containing the gold answer, over the joined
+    documents' questions (dev split: this probe chooses; the test split confirms)."""
+    nll, hits, n = 0.0, 0, 0
+    for doc in docs:
+        for q in doc["questions"]:
+            total, tokens = model.score_detailed(q["question"], q["answer"], **kwargs)
+            nll += total / tokens
+            out = model.generate(q["question"], max_new_tokens=16, **kwargs)
+            hits += int(q["answer"].lower() in out.lower())
+            n += 1
+    return {"nll": round(nll / n, 3), "hits": f"{hits}/{n}"}
 
 
 def variant(spec: str) -> ConsolidationConfig:
@@ -51,11 +69,16 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--variants", default="default,layers=none")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--questions", action="store_true", help="also score the joined dev documents' questions")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
-    text = text_of(model, args.tokens)
-    print(f"text: {len(encode_text(model.tokenizer, text))} tokens")
+    docs = docs_of(model, args.tokens)
+    text = "\n\n".join(d["text"] for d in docs)
+    print(f"text: {len(encode_text(model.tokenizer, text))} tokens, {len(docs)} dev documents")
+    if args.questions:
+        print("none", json.dumps(quality(model, docs)), flush=True)
+        print("context", json.dumps(quality(model, docs, context=text)), flush=True)
     model.consolidate("Warm-up sentence about nothing in particular.", steps=1, progress=False)
     out = {}
     for spec in args.variants.split(","):
@@ -70,6 +93,8 @@ def main(argv=None) -> None:
             "loss_last": summary["loss_last"],
             "cached": summary["frozen_layers_cached"],
         }
+        if args.questions:
+            out[spec].update(quality(model, docs, adapters=[adapter]))
         print(spec, json.dumps(out[spec]), flush=True)
 
 

@@ -219,10 +219,10 @@ def test_probe_consolidation_speed(tiny, capsys):
     from research import probe_consolidation_speed
 
     probe_consolidation_speed.main(
-        ["--threads", "1", "--tokens", "512", "--steps", "1", "--variants", "default,layers=none"]
+        ["--threads", "1", "--tokens", "512", "--steps", "1", "--variants", "default,layers=none", "--questions"]
     )
     out = capsys.readouterr().out
-    assert "default" in out and "layers=none" in out
+    assert "default" in out and "layers=none" in out and '"hits"' in out and out.count('"nll"') == 4
 
 
 def test_research_is_not_imported_by_the_package():
