@@ -32,6 +32,9 @@ class ConsolidationConfig(BaseModel):
     chunk_tokens: int = Field(512, ge=32, le=8192, description="a longer document is consolidated chunk by chunk")
     max_bytes: int = Field(8 * 2**20, ge=1024, description="adapter byte budget per document (rank is cut to fit)")
     grad_clip: float = Field(1.0, gt=0)
+    recite_chars: int = Field(
+        600, ge=50, le=100_000, description="a recitation turn covers at most this many characters of the text"
+    )
     # objective mix: relative sampling weights of the self-supervised example kinds
     recite: float = Field(1.0, ge=0)
     continuation: float = Field(1.0, ge=0)

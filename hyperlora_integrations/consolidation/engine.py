@@ -118,7 +118,7 @@ def consolidate(
                 on_step(step, loss)
 
         for i, chunk in enumerate(chunks):
-            examples = build_examples(chunk)
+            examples = build_examples(chunk, segment_chars=config.recite_chars)
             drawn = schedule(examples, weights, config.steps * config.batch_size, seed + i)
             seqs = by_length(tokenize_examples(model, drawn, config.max_seq_tokens), config.batch_size, seed + i)
             budget = None if time_budget_s is None else time_budget_s / len(chunks)
