@@ -286,3 +286,21 @@ def test_relative_score_cutoff_drops_far_weaker_documents(fresh_tiny_model):
         texts, model=fresh_tiny_model, k=4, consolidate=False, relative_score_cutoff=None
     )
     assert len(everything.invoke(question)) > 1
+
+
+def test_recite_chars_sets_the_recitation_turns(tiny_model, monkeypatch):
+    from hyperlora_integrations.consolidation import engine
+
+    text = " ".join(f"Sentence number {i} says that the harbour of Quellin has {i} boats." for i in range(12))
+    seen = []
+
+    def spy(chunk, *, segment_chars):
+        seen.append(segment_chars)
+        return build_examples(chunk, segment_chars=segment_chars)
+
+    monkeypatch.setattr(engine, "build_examples", spy)
+    config = FAST.model_copy(update={"steps": 1, "recite_chars": 120})
+    tiny_model.consolidate(text, config=config)
+    assert seen == [120]
+    recite = build_examples(text, segment_chars=120)["recite"]
+    assert len(recite) > len(build_examples(text)["recite"]) and all(len(r.target) <= 120 for r in recite)
