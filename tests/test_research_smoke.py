@@ -88,6 +88,7 @@ def tiny(monkeypatch):
         "adapter_diversity",
         "long_document_scaling",
         "probe_consolidation_speed",
+        "warm_start_steps",
     ):
         module = __import__(f"research.{name}", fromlist=["_"])
         monkeypatch.setattr(module, "HyperLoRAModel", _Tiny)
@@ -223,6 +224,15 @@ def test_probe_consolidation_speed(tiny, capsys):
     )
     out = capsys.readouterr().out
     assert "default" in out and "layers=none" in out and '"hits"' in out and out.count('"nll"') == 4
+
+
+def test_warm_start_steps(tiny, tmp_path):
+    from research import warm_start_steps
+
+    out = tmp_path / "warm.json"
+    result = warm_start_steps.main(["--limit", "2", "--steps", "1,2", "--out", str(out)])
+    assert {"zero@1", "instant@2", "instant_minus_zero@2"} <= set(result["summary"]) and len(result["rows"]) == 2
+    assert json.loads(out.read_text())["summary"]["zero@2"]["gap_closure"]["n"] == 2
 
 
 def test_research_is_not_imported_by_the_package():
