@@ -265,3 +265,14 @@ def test_cli_lists_the_commands_and_refuses_bad_options_before_starting_ray(tmp_
     assert serve_main(["--store", str(tmp_path / "s"), "--namespace", "bad/ns"]) == 2
     assert "invalid namespace" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # nothing was created
+
+
+def test_serve_cli_passes_adapter_selection_to_the_config(tmp_path, monkeypatch):
+    from hyperlora_integrations.serving import server
+    from hyperlora_integrations.serving.cli import serve_main
+
+    seen = []
+    monkeypatch.setattr(server, "serve_forever", lambda config, **kwargs: seen.append(config.select_adapters))
+    args = ["--store", str(tmp_path / "s"), "--tiny"]
+    assert serve_main(args) == 0 and serve_main([*args, "--no-select-adapters"]) == 0
+    assert seen == [True, False]
