@@ -29,6 +29,18 @@ from ..errors import AdapterNotFoundError, HyperLoRAError, UnsafeFileError
 from ..lora import Adapter, AdapterMetadata
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection for one thread, in autocommit mode (transactions are ``immediate``), durable
+    writes (WAL, synchronous FULL) and deleted rows overwritten on disk."""
+    conn = sqlite3.connect(path, timeout=120, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    # Deleted rows (a removed document's text, a forgotten conversation) are overwritten,
+    # not left readable in free pages; the default depends on how SQLite was built.
+    conn.execute("PRAGMA secure_delete=ON")
+    return conn
+
+
 @contextmanager
 def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``db``, rolled back on any exception.
@@ -164,14 +176,7 @@ class IndexMixin:
             self._after_fork()
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path / "index.sqlite", timeout=120, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            # Deleted rows (a removed document's text, a forgotten conversation) are overwritten,
-            # not left readable in free pages; the default depends on how SQLite was built.
-            conn.execute("PRAGMA secure_delete=ON")
+            conn = connect(self.path / "index.sqlite")
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)

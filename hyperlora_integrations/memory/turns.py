@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..adapters._index import close_all, immediate
+from ..adapters._index import close_all, connect, immediate
 from ..errors import UnsafeFileError
 
 FILENAME = "memory.sqlite"
@@ -95,10 +95,7 @@ class TurnLog:
             self._pid, self._local, self._conns = os.getpid(), threading.local(), []
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=120, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA secure_delete=ON")
+            conn = connect(self.path)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
