@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hyperlora_integrations import HyperLoRAModel
+from hyperlora_integrations.metrics import bootstrap, mean
 from hyperlora_integrations.training.eval_fictional import load_fixture
 
 
@@ -33,15 +33,21 @@ def nll(model: HyperLoRAModel, doc: dict, **kwargs) -> float:
     return sum(values) / len(values)
 
 
-def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(resamples))
-    return {
-        "mean": sum(values) / len(values),
-        "lo": means[int(0.025 * resamples)],
-        "hi": means[int(0.975 * resamples) - 1],
-        "n": len(values),
-    }
+def summarize(rows: list[dict], steps: list[int]) -> dict:
+    """Mean NLL and gap closure per start and step count; instant minus zero, paired by document."""
+
+    def closure(key: str) -> list[float]:
+        return [(r["none"] - r[key]) / (r["none"] - r["context"]) for r in rows]
+
+    def entry(key: str) -> dict:
+        return {"nll": mean([r[key] for r in rows]), "gap_closure": bootstrap([closure(key)], mean)}
+
+    summary = {"instant": entry("instant")}
+    for n in steps:
+        summary[f"zero@{n}"], summary[f"instant@{n}"] = entry(f"zero@{n}"), entry(f"instant@{n}")
+        diff = [a - b for a, b in zip(closure(f"instant@{n}"), closure(f"zero@{n}"), strict=True)]
+        summary[f"instant_minus_zero@{n}"] = bootstrap([diff], mean)
+    return summary
 
 
 def main(argv=None) -> dict:
@@ -74,18 +80,7 @@ def main(argv=None) -> dict:
                 row[f"{start}@{n}_seconds"] = adapter.metadata.model_extra["consolidation"]["seconds"]
         rows.append(row)
 
-    def closure(key: str) -> list[float]:
-        return [(r["none"] - r[key]) / (r["none"] - r["context"]) for r in rows]
-
-    summary = {
-        "instant": {"nll": sum(r["instant"] for r in rows) / len(rows), "gap_closure": bootstrap(closure("instant"))}
-    }
-    for n in steps:
-        for start in ("zero", "instant"):
-            key = f"{start}@{n}"
-            summary[key] = {"nll": sum(r[key] for r in rows) / len(rows), "gap_closure": bootstrap(closure(key))}
-        diff = [a - b for a, b in zip(closure(f"instant@{n}"), closure(f"zero@{n}"), strict=True)]
-        summary[f"instant_minus_zero@{n}"] = bootstrap(diff)
+    summary = summarize(rows, steps)
     result = {
         "command": "python -m research.warm_start_steps " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
