@@ -40,7 +40,12 @@ def summarize(rows: list[dict], steps: list[int]) -> dict:
         return [(r["none"] - r[key]) / (r["none"] - r["context"]) for r in rows]
 
     def entry(key: str) -> dict:
-        return {"nll": mean([r[key] for r in rows]), "gap_closure": bootstrap([closure(key)], mean)}
+        out = {"nll": mean([r[key] for r in rows]), "gap_closure": bootstrap([closure(key)], mean)}
+        if f"{key}_mismatched" in rows[0]:  # another document's adapter: what a generic effect gets
+            out["mismatched_gap_closure"] = bootstrap([closure(f"{key}_mismatched")], mean)
+            own_minus_other = [a - b for a, b in zip(closure(key), closure(f"{key}_mismatched"), strict=True)]
+            out["own_minus_mismatched"] = bootstrap([own_minus_other], mean)
+        return out
 
     summary = {"instant": entry("instant")}
     for n in steps:
@@ -65,6 +70,7 @@ def main(argv=None) -> dict:
     docs = load_fixture("dev")[: args.limit]
     steps = [int(s) for s in args.steps.split(",")]
     rows = []
+    kept: dict[tuple[str, int], list] = {(start, n): [] for n in steps for start in ("zero", "instant")}
     for doc in tqdm(docs, desc="documents", unit="doc"):
         instant = model.internalize(doc["text"], progress=False)
         row = {
@@ -78,7 +84,12 @@ def main(argv=None) -> dict:
                 adapter = model.consolidate(doc["text"], init, steps=n, seed=args.seed, progress=False)
                 row[f"{start}@{n}"] = nll(model, doc, adapters=[adapter])
                 row[f"{start}@{n}_seconds"] = adapter.metadata.model_extra["consolidation"]["seconds"]
+                kept[(start, n)].append(adapter)
         rows.append(row)
+    # the control: each document's questions under the next document's adapter (same start, same steps)
+    for i, (doc, row) in enumerate(zip(docs, rows, strict=True)):
+        for (start, n), adapters in kept.items():
+            row[f"{start}@{n}_mismatched"] = nll(model, doc, adapters=[adapters[(i + 1) % len(docs)]])
 
     summary = summarize(rows, steps)
     result = {

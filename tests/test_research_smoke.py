@@ -233,6 +233,7 @@ def test_warm_start_steps(tiny, tmp_path):
     result = warm_start_steps.main(["--limit", "2", "--steps", "1,2", "--out", str(out)])
     assert {"zero@1", "instant@2", "instant_minus_zero@2"} <= set(result["summary"]) and len(result["rows"]) == 2
     assert json.loads(out.read_text())["summary"]["zero@2"]["gap_closure"]["n"] == 2
+    assert result["summary"]["instant@1"]["own_minus_mismatched"]["n"] == 2
 
 
 def test_research_is_not_imported_by_the_package():
