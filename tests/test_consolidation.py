@@ -304,3 +304,27 @@ def test_recite_chars_sets_the_recitation_turns(tiny_model, monkeypatch):
     assert seen == [120]
     recite = build_examples(text, segment_chars=120)["recite"]
     assert len(recite) > len(build_examples(text)["recite"]) and all(len(r.target) <= 120 for r in recite)
+
+
+def test_chunks_are_balanced_never_a_sliver(tiny_model):
+    """A document a little over ``chunk_tokens`` is one chunk (it used to be a full chunk plus a
+    sliver that got a whole fit); longer ones are cut into about equal chunks between sentences,
+    and text without punctuation between words."""
+    from hyperlora_integrations.chat import encode_text
+    from hyperlora_integrations.consolidation.engine import _chunks
+
+    def tokens(text: str) -> int:
+        return len(encode_text(tiny_model.tokenizer, text))
+
+    n = tokens(DOC)
+    just_over = f"{DOC} Its dome is green."
+    assert _chunks(tiny_model, just_over, n) == ([just_over], tokens(just_over))
+    long_doc = " ".join([DOC, OTHER] * 5)
+    chunks, total = _chunks(tiny_model, long_doc, total_tokens := tokens(long_doc) // 3 + 1)
+    sizes = [tokens(c) for c in chunks]
+    assert total == tokens(long_doc) and len(chunks) == 3
+    assert max(sizes) < 1.5 * min(sizes) and all(s < 1.5 * total_tokens for s in sizes)
+    assert " ".join(chunks).split() == long_doc.split()  # nothing lost, nothing repeated
+    words = " ".join(f"word{i}" for i in range(300))
+    pieces, _ = _chunks(tiny_model, words, tokens(words) // 4)
+    assert len(pieces) == 4 and " ".join(pieces) == words

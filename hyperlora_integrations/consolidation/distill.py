@@ -18,35 +18,20 @@ from ..errors import InvalidInputError
 from ..lora import Adapter
 from .config import ConsolidationConfig
 from .skill_targets import SoftSequence
-from .trainer import FitResult, Logits, optimise, pad_token_id
+from .trainer import FitResult, Logits, optimise
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
 
 
-def _soft_batch(rows: Sequence[SoftSequence], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids; per kept position the target ids, probabilities and row weight.
-
-    Positions are those from the shortest prompt's last token on (logits at ``i`` predict token
-    ``i + 1``); a position that is not a target has probability 0 everywhere, so it adds nothing.
-    """
-    width = max(len(r.prompt) + len(r.target) for r in rows)
-    keep_from = min(len(r.prompt) for r in rows) - 1
-    span = width - 1 - keep_from
+def _soft_targets(rows: Sequence[SoftSequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row's target positions concatenated: teacher ids and probabilities (top-k, zero-padded
+    to the widest k) and the row's weight at each."""
     k = max(r.top_ids.shape[1] for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    top_ids = torch.zeros((len(rows), span, k), dtype=torch.long)
-    top_probs = torch.zeros((len(rows), span, k))
-    weights = torch.zeros((len(rows), span))
-    for row, r in enumerate(rows):
-        n_prompt, n_target = len(r.prompt), len(r.target)
-        ids[row, : n_prompt + n_target] = torch.tensor(r.prompt + r.target)
-        first = n_prompt - 1 - keep_from
-        kk = r.top_ids.shape[1]
-        top_ids[row, first : first + n_target, :kk] = r.top_ids
-        top_probs[row, first : first + n_target, :kk] = r.top_probs
-        weights[row, first : first + n_target] = r.weight
-    return ids.to(device), top_ids.to(device), top_probs.to(device), weights.to(device), keep_from
+    top_ids = torch.cat([torch.nn.functional.pad(r.top_ids, (0, k - r.top_ids.shape[1])) for r in rows])
+    top_probs = torch.cat([torch.nn.functional.pad(r.top_probs, (0, k - r.top_probs.shape[1])) for r in rows])
+    weights = torch.cat([torch.full((len(r.target),), float(r.weight)) for r in rows])
+    return top_ids.to(device), top_probs.float().to(device), weights.to(device)
 
 
 def fit_soft(
@@ -66,7 +51,7 @@ def fit_soft(
     """
     if not rows:
         raise InvalidInputError("nothing to consolidate: no training rows")
-    pad_id, device = pad_token_id(model), model.base.device
+    device = model.base.device
     order: list[int] = []
 
     def draw(_step: int, generator: torch.Generator) -> list:
@@ -77,10 +62,9 @@ def fit_soft(
         return batch
 
     def loss_of(batch: list, logits: Logits) -> torch.Tensor:
-        ids, top_ids, top_probs, weights, keep_from = _soft_batch(batch, pad_id, device)
-        keep = torch.arange(keep_from, ids.shape[1] - 1, device=device)
-        out = logits(ids, keep, [(r.prompt, r.target) for r in batch]).float()
-        logp = torch.log_softmax(out, dim=-1).gather(-1, top_ids)
+        out, at = logits([(r.prompt, r.target) for r in batch])
+        top_ids, top_probs, weights = _soft_targets(batch, device)
+        logp = torch.log_softmax(out[torch.cat(at)].float(), dim=-1).gather(-1, top_ids)
         per_position = -(top_probs * logp).sum(-1)
         return (per_position * weights).sum() / (weights > 0).sum().clamp(min=1)
 

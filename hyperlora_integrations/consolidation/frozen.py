@@ -21,19 +21,23 @@ import torch
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
+    from .packing import Packed
 
 Seq = tuple[list[int], list[int]]
 MAX_CACHE_BYTES = 512 * 2**20
 
 
-def _run(inner, hidden: torch.Tensor, layers) -> torch.Tensor:
-    """Hidden states through ``layers`` of a Llama-style decoder, causal, no cache."""
+def _run(inner, hidden: torch.Tensor, layers, mask: torch.Tensor | None = None, pos: torch.Tensor | None = None):
+    """Hidden states through ``layers`` of a Llama-style decoder, no cache: causal, or under a
+    prefix tree's ``mask`` and ``pos`` (packing.py)."""
     from transformers.masking_utils import create_causal_mask
 
-    pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask = create_causal_mask(
-        config=inner.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=pos
-    )
+    if pos is None:
+        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    if mask is None:
+        mask = create_causal_mask(
+            config=inner.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=pos
+        )
     rope = inner.rotary_emb(hidden, position_ids=pos)
     for layer in layers:
         hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
@@ -88,24 +92,26 @@ class FrozenPrefix:
     def _exact(self, key, pad_id: int, device) -> bool:
         ids = _pad([list(key[0]) + list(key[1])], pad_id, device)
         full = self.lm(input_ids=ids).logits
-        split = self.logits(_run(self.inner, self.inner.embed_tokens(ids), self.inner.layers[: self.first]), None)
+        hidden = _run(self.inner, self.inner.embed_tokens(ids), self.inner.layers[: self.first])
+        split = self.lm.get_output_embeddings()(self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :])))
         return torch.allclose(full.float(), split.float(), atol=1e-3, rtol=1e-3)
 
-    def hidden(self, rows: Sequence[Seq]) -> torch.Tensor:
-        """The rows' cached states, right-padded with zeros (causal: real tokens never see pads)."""
+    def hidden(self, rows: Sequence[Seq], origin: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """The rows' cached states: right-padded with zeros (causal: real tokens never see pads),
+        or, given a prefix tree's ``origin``, one per tree node."""
         states = [self.cache[(tuple(p), tuple(t))] for p, t in rows]
+        if origin is not None:
+            return torch.stack([states[r][j] for r, j in origin]).unsqueeze(0)
         width = max(s.shape[0] for s in states)
         out = states[0].new_zeros(len(states), width, states[0].shape[-1])
         for row, s in enumerate(states):
             out[row, : s.shape[0]] = s
         return out
 
-    def logits(self, hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """Top layers, final norm and the vocabulary projection at positions ``keep`` only."""
-        hidden = self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :]))
-        if keep is not None:
-            hidden = hidden[:, keep]
-        return self.lm.get_output_embeddings()(hidden)
+    def logits(self, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Top layers, final norm and the vocabulary projection at ``packed.keep`` only."""
+        top = _run(self.inner, hidden, self.inner.layers[self.first :], packed.attention_mask, packed.position_ids)
+        return self.lm.get_output_embeddings()(self.inner.norm(top)[:, packed.keep])
 
 
 def _pad(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:

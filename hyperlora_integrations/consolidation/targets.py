@@ -46,18 +46,27 @@ def sentences(text: str) -> list[str]:
     return [p for p in out if len(p) > 1]
 
 
+def _runs(parts: list[str], max_chars: int) -> list[str]:
+    """Consecutive ``parts`` joined by spaces into runs of at most ``max_chars`` (a longer part
+    stays whole)."""
+    out, current = [], ""
+    for part in parts:
+        if current and len(current) + 1 + len(part) > max_chars:
+            out.append(current)
+            current = part
+        else:
+            current = f"{current} {part}".strip()
+    return [*out, current] if current else out
+
+
 def segments(text: str, max_chars: int) -> list[str]:
     """Consecutive sentence groups of at most ``max_chars`` (a longer sentence stays whole)."""
-    out, current = [], ""
-    for sentence in sentences(text):
-        if current and len(current) + 1 + len(sentence) > max_chars:
-            out.append(current)
-            current = sentence
-        else:
-            current = f"{current} {sentence}".strip()
-    if current:
-        out.append(current)
-    return out
+    return _runs(sentences(text), max_chars)
+
+
+def segments_of_words(sentence: str, max_chars: int) -> list[str]:
+    """``sentence`` as runs of whole words of at most ``max_chars`` (a longer word stays whole)."""
+    return _runs(sentence.split(), max_chars)
 
 
 def cloze_spans(sentence: str) -> list[str]:

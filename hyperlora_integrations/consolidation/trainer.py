@@ -19,6 +19,7 @@ import torch
 from ..errors import InvalidInputError
 from ..lora import Adapter
 from .config import ConsolidationConfig
+from . import packing
 from .frozen import FrozenPrefix
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class FitResult:
     seconds: float = 0.0
     stopped: str = "steps"  # "steps" | "time_budget"
     cached: bool = False  # the frozen layers ran once per sequence (frozen.py)
+    packed: bool = False  # each step's rows ran as one prefix tree (packing.py)
 
 
 def _init(
@@ -74,22 +76,6 @@ def _init(
     return A, B, first
 
 
-def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Right-padded ids, labels (-100 outside targets) and the first position whose logits matter.
-
-    Right padding needs no attention mask in a causal model: real tokens never attend to the pads
-    after them.
-    """
-    width = max(len(p) + len(t) for p, t in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for row, (prompt, target) in enumerate(seqs):
-        ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
-    first = min(len(p) for p, _ in seqs) - 1  # logits at position i predict token i + 1
-    return ids.to(device), labels.to(device), first
-
-
 def _per_layer(A_low, B_low, A_train, B_train, scaling: float):
     """Per-layer A/B lists for the hooks: frozen layers below (``None`` where their B is zero,
     so they cost nothing), trained ones above. Separate tensors keep autograd out of the frozen
@@ -103,7 +89,8 @@ def _per_layer(A_low, B_low, A_train, B_train, scaling: float):
     return A, B
 
 
-Logits = Callable[[torch.Tensor, torch.Tensor, Sequence[tuple[list[int], list[int]]]], torch.Tensor]
+# rows -> (logits [n, vocab], per row the indices of the logits predicting its target tokens)
+Logits = Callable[[Sequence[tuple[list[int], list[int]]]], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 def optimise(
@@ -122,9 +109,10 @@ def optimise(
     """The loop every consolidation objective shares; the objective supplies two functions.
 
     ``draw(step, generator)`` picks a step's rows; ``loss_of(rows, logits)`` returns their loss,
-    where ``logits(ids, keep, seqs)`` runs the model with the adapter being trained (the frozen
-    layers from cache when ``sequences`` -- every (prompt, target) a row can have -- allow it).
-    Deterministic for a seed (same threads, same machine).
+    where ``logits(seqs)`` runs the model with the adapter being trained on (prompt, target)
+    pairs -- as one prefix tree where the model computes that exactly (packing.py), the frozen
+    layers from cache when ``sequences`` (every pair a row can have) allow it -- and returns the
+    logits predicting each target token. Deterministic for a seed (same threads, same machine).
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -144,11 +132,13 @@ def optimise(
         frozen = FrozenPrefix.build(model, sequences, first, pad_id)
     result.cached = frozen is not None
 
-    def logits(ids: torch.Tensor, keep: torch.Tensor, seqs) -> torch.Tensor:
-        # Logits only where targets are: the vocabulary projection is a fifth of the model.
-        if frozen is not None:  # the frozen layers' output is cached: run the top ones only
-            return frozen.logits(frozen.hidden(seqs), keep)
-        return model.model(input_ids=ids, logits_to_keep=keep).logits
+    use_tree = _tree_is_exact(model, sequences, pad_id, frozen)
+    result.packed = use_tree
+
+    def logits(seqs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        packed = packing.tree(seqs, device, model.base.dtype) if use_tree else None
+        packed = packed or packing.padded(seqs, pad_id, device)
+        return _forward(model, frozen, seqs, packed), packed.at
 
     for step in range(config.steps):
         if should_stop is not None and should_stop():
@@ -173,6 +163,42 @@ def optimise(
         result.B = {k: (torch.cat([B_low[k], B_train[k].detach()]) * scaling).cpu() for k in B_train}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _forward(model: HyperLoRAModel, frozen: FrozenPrefix | None, seqs, packed: packing.Packed) -> torch.Tensor:
+    """Logits at ``packed.keep``, flattened over the batch. Only there: the vocabulary projection
+    is a fifth of the model."""
+    if frozen is not None:  # the frozen layers' output is cached: run the top ones only
+        out = frozen.logits(frozen.hidden(seqs, packed.origin), packed)
+    else:
+        out = model.model(
+            input_ids=packed.ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            logits_to_keep=packed.keep,
+        ).logits
+    return out.reshape(-1, out.shape[-1])
+
+
+def _tree_is_exact(model: HyperLoRAModel, sequences: Sequences, pad_id: int, frozen: FrozenPrefix | None) -> bool:
+    """Whether this model computes a prefix tree's logits as it does each row's own (checked on
+    the first two distinct sequences, which share at least the chat prefix). An attention kernel
+    that ignores a 4-D mask, or an architecture that needs other arguments, fails here and is
+    trained on padded batches instead, which are always right."""
+    distinct = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in sequences))[:2]
+    seqs = [(list(p), list(t)) for p, t in distinct]
+    device = model.base.device
+    try:
+        with torch.no_grad():
+            packed = packing.tree(seqs, device, model.base.dtype)
+            if packed is None:
+                return False
+            flat = packing.padded(seqs, pad_id, device)
+            a = _forward(model, frozen, seqs, packed)[torch.cat(packed.at)]
+            b = _forward(model, frozen, seqs, flat)[torch.cat(flat.at)]
+    except Exception:  # noqa: BLE001 - any failure means: do not use trees on this model
+        return False
+    return bool(torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3))
 
 
 def pad_token_id(model: HyperLoRAModel) -> int:
@@ -203,11 +229,9 @@ def fit(
         return [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
 
     def loss_of(rows: list, logits: Logits) -> torch.Tensor:
-        ids, labels, keep_from = _batch(rows, pad_id, device)
-        out = logits(ids, torch.arange(keep_from, ids.shape[1] - 1, device=device), rows)
-        return torch.nn.functional.cross_entropy(
-            out.float().reshape(-1, out.shape[-1]), labels[:, keep_from + 1 :].reshape(-1)
-        )
+        out, at = logits(rows)
+        labels = torch.tensor([token for _, target in rows for token in target], device=device)
+        return torch.nn.functional.cross_entropy(out[torch.cat(at)].float(), labels)
 
     return optimise(
         model,
