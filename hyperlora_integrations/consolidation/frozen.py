@@ -93,7 +93,9 @@ class FrozenPrefix:
         ids = _pad([list(key[0]) + list(key[1])], pad_id, device)
         full = self.lm(input_ids=ids).logits
         hidden = _run(self.inner, self.inner.embed_tokens(ids), self.inner.layers[: self.first])
-        split = self.lm.get_output_embeddings()(self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :])))
+        split = self.lm.get_output_embeddings()(
+            self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :]))
+        )
         return torch.allclose(full.float(), split.float(), atol=1e-3, rtol=1e-3)
 
     def hidden(self, rows: Sequence[Seq], origin: list[tuple[int, int]] | None = None) -> torch.Tensor:

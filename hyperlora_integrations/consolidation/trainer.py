@@ -18,8 +18,8 @@ import torch
 
 from ..errors import InvalidInputError
 from ..lora import Adapter
-from .config import ConsolidationConfig
 from . import packing
+from .config import ConsolidationConfig
 from .frozen import FrozenPrefix
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def fit(
     """
     if not sequences:
         raise InvalidInputError("nothing to consolidate: no training sequences")
-    n, pad_id, device = len(sequences), pad_token_id(model), model.base.device
+    n, device = len(sequences), model.base.device
 
     def draw(step: int, _generator: torch.Generator) -> list:
         return [sequences[(step * config.batch_size + i) % n] for i in range(config.batch_size)]
