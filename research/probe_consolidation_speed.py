@@ -5,6 +5,7 @@ several configs in one process and prints seconds, steps/s and target tokens per
 The benchmark (`hyperlora bench --conditions consolidated`) is where the claim is measured.
 
     python -m research.probe_consolidation_speed --threads 2 --variants default,layers=none,layers=12
+    python -m research.probe_consolidation_speed --threads 2 --variants packing=false,default
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
             "loss_first": summary["loss_first"],
             "loss_last": summary["loss_last"],
             "cached": summary["frozen_layers_cached"],
+            "packed": summary.get("packed", False),
         }
         if args.questions:
             out[spec].update(quality(model, docs, adapters=[adapter]))

@@ -80,6 +80,9 @@ def test_quick_tiny_run_writes_results_report_and_plots(tmp_path, tiny_model):
         assert cs["d2l"]["prompt_tokens"] == cs["none"]["prompt_tokens"] == cs["distill"]["prompt_tokens"]
         assert cs["consolidated"]["prompt_tokens"] == cs["none"]["prompt_tokens"]  # question alone
         assert entry["ratios"]["prep_consolidated_s"] == cs["consolidated"]["prep_s"] > 0
+        # the control: another document's consolidated adapter, same prompt, its time not counted again
+        assert cs["consolidated_other"]["prompt_tokens"] == cs["none"]["prompt_tokens"]
+        assert cs["consolidated_other"]["prep_s"] == 0 and "nll_consolidated_over_consolidated_other" in entry["ratios"]
         assert cs["none"]["bytes_per_doc"] == 0 and cs["stuff_kv"]["bytes_per_doc"] > cs["stuff"]["bytes_per_doc"]
         assert cs["d2l_rag"]["bytes_per_doc"] == cs["d2l"]["bytes_per_doc"] + cs["rag"]["bytes_per_doc"]
         assert cs["stuff"]["gap_closure"]["mean"] == pytest.approx(1.0)
@@ -360,3 +363,16 @@ def test_consolidated_skill_timing_is_measured_and_reported(tiny_model):
     assert run["description"] == SKILL_CONSOLIDATE_DESCRIPTIONS[0] and run["steps"] > 0 and run["inputs"] > 0
     assert 0 < run["targets_s"] + run["training_s"] <= run["wall_s"] == timing["median_wall_s"]
     assert "Consolidated skills" in "\n".join(_skill_section({"consolidated": timing}, {}))
+
+
+def test_condition_9_uses_another_document_never_its_own(tiny_model):
+    from hyperlora_integrations.bench.documents import Document
+    from hyperlora_integrations.bench.runner import _neighbour
+
+    a, b, c = (Document(f"512-{i}", 512, f"text {i}", 3) for i in range(3))
+    long = Document("2048-0", 2048, "long text", 3)
+    docs = {512: [a, b, c], 2048: [long]}
+    assert [_neighbour(d, 512, docs, tiny_model).doc_id for d in (a, b, c)] == ["512-1", "512-2", "512-0"]
+    assert _neighbour(long, 2048, docs, tiny_model).doc_id == "512-0"  # alone at its length: next in the run
+    alone = _neighbour(a, 512, {512: [a]}, tiny_model)  # a one-document run: a fictional dev document
+    assert alone.doc_id == "fictional-dev-0" and alone.text and alone.tokens > 0

@@ -59,6 +59,7 @@ def test_fit_on_trees_matches_fit_on_padded_batches(fresh_tiny_model, monkeypatc
     monkeypatch.setattr(packing, "tree", lambda *a, **k: None)  # e.g. a batch too long for a dense mask
     plain = fit(model, rows, config, seed=3)
     assert packed.packed and packed.cached == (layers is not None) and plain.losses[-1] < plain.losses[0]
+    assert not fit(model, rows, config.model_copy(update={"packing": False, "steps": 1}), seed=3).packed
     torch.testing.assert_close(torch.tensor(packed.losses), torch.tensor(plain.losses), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed.B["down_proj"], plain.B["down_proj"], atol=1e-4, rtol=1e-3)
 

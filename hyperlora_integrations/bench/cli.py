@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--conditions",
         default=None,
-        help="comma-separated subset of: none,stuff,stuff_kv,rag,d2l,d2l_rag,distill,consolidated",
+        help="comma-separated subset of: none,stuff,stuff_kv,rag,d2l,d2l_rag,distill,consolidated,consolidated_other",
     )
     p.add_argument("--answer-tokens", type=int, default=16, help="fixed number of generated tokens per query")
     p.add_argument(

@@ -66,6 +66,9 @@ class Engine:
         gen = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
         eos |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
         self.eos = {e for e in eos if e is not None}
+        # consolidated adapters by document id, with the seconds each took: condition 9 uses a
+        # neighbour's, which is then not consolidated (or timed) twice
+        self.consolidated: dict[str, tuple[Adapter, float]] = {}
         self.device = next(self.lm.parameters()).device
 
     def new_cache(self) -> DynamicCache:
@@ -179,8 +182,9 @@ class Settings:
 class DocumentState:
     """Lazily built, timed per-document artefacts shared by the conditions that need them."""
 
-    def __init__(self, engine: Engine, doc: Document, settings: Settings) -> None:
+    def __init__(self, engine: Engine, doc: Document, settings: Settings, neighbour: Document | None = None) -> None:
         self.engine = engine
+        self.neighbour = neighbour  # another document of the same length: condition 9's adapter
         self.model = engine.model
         self.doc = doc
         self.settings = settings
@@ -191,7 +195,6 @@ class DocumentState:
         self._index: ChunkIndex | None = None
         self._adapter: Adapter | None = None
         self._distilled: DistillResult | None = None
-        self._consolidated: Adapter | None = None
         self.kv_bytes = 0
 
     def prefix(self) -> Prefix:
@@ -243,11 +246,22 @@ class DocumentState:
         return self._distilled
 
     def consolidated(self) -> Adapter:
-        if self._consolidated is None:
+        adapter, self.times["consolidate"] = self._consolidate(self.doc)
+        return adapter
+
+    def other_consolidated(self) -> Adapter:
+        """The neighbour document's consolidated adapter: the control a generic effect passes."""
+        if self.neighbour is None:
+            raise ValueError("condition 9 needs another document (DocumentState(neighbour=...))")
+        return self._consolidate(self.neighbour)[0]
+
+    def _consolidate(self, doc: Document) -> tuple[Adapter, float]:
+        cache = self.engine.consolidated
+        if doc.doc_id not in cache:
             t0 = time.perf_counter()
-            self._consolidated = self.model.consolidate(self.doc.text, source=self.doc.doc_id, progress=False)
-            self.times["consolidate"] = time.perf_counter() - t0
-        return self._consolidated
+            adapter = self.model.consolidate(doc.text, source=doc.doc_id, progress=False)
+            cache[doc.doc_id] = (adapter, time.perf_counter() - t0)
+        return cache[doc.doc_id]
 
     def release_prefix(self) -> None:
         self._prefix = None
@@ -369,6 +383,14 @@ def _q_consolidated(state, q):
     return _plain(state, q, adapters=(state.consolidated(),))
 
 
+def _prep_consolidated_other(state):
+    return Prep(0.0, state.other_consolidated().nbytes)  # its time is the neighbour's condition 8
+
+
+def _q_consolidated_other(state, q):
+    return _plain(state, q, adapters=(state.other_consolidated(),))
+
+
 CONDITIONS: dict[str, Condition] = {
     c.key: c
     for c in (
@@ -430,8 +452,18 @@ CONDITIONS: dict[str, Condition] = {
             _prep_consolidated,
             _q_consolidated,
         ),
+        Condition(
+            "consolidated_other",
+            9,
+            "Another document's consolidated adapter",
+            "The control for 8: the next document's consolidated adapter (same length where the run has "
+            "two), the question alone. "
+            "What 8 gains over it is what the adapter knows of its own document.",
+            _prep_consolidated_other,
+            _q_consolidated_other,
+        ),
     )
 }
 # Condition 3 first (its prefill is the forward-pass reference and 7's teacher), 7 right after
 # it so the document's KV cache can be released before the remaining conditions run.
-RUN_ORDER = ("stuff_kv", "distill", "stuff", "none", "rag", "d2l", "d2l_rag", "consolidated")
+RUN_ORDER = ("stuff_kv", "distill", "stuff", "none", "rag", "d2l", "d2l_rag", "consolidated", "consolidated_other")

@@ -25,6 +25,7 @@ _STYLE = {  # one fixed colour and marker per condition across all plots
     "d2l_rag": ("#ff7f0e", "P"),
     "distill": ("#9467bd", "X"),
     "consolidated": ("#8c564b", "v"),
+    "consolidated_other": ("#e377c2", "1"),
 }
 
 

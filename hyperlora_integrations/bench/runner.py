@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import bootstrap, exact_match, gap_closure, mean, ratio_of_means, token_f1
 from .conditions import CONDITIONS, RUN_ORDER, DocumentState, Engine, Settings
-from .documents import LengthPlan, build_documents, load_pool
+from .documents import Document, LengthPlan, build_documents, load_pool
 from .memory import PeakRSS, current_rss
 
 SKILL_DESCRIPTION = "Answer each question with a short phrase copied from the document."
@@ -228,7 +228,7 @@ def run(
     distill_logs: list[dict] = []
     for plan in cfg.plans:
         for doc in documents[plan.tokens]:
-            state = DocumentState(engine, doc, cfg.settings)
+            state = DocumentState(engine, doc, cfg.settings, _neighbour(doc, plan.tokens, documents, model))
             for key in order:
                 cond = CONDITIONS[key]
                 bar.set_description(f"{plan.tokens} tok {doc.doc_id} [{cond.number}] {cond.name}")
@@ -394,6 +394,21 @@ def _latency_ratio(per, num, den, field_name, boot):
     return bootstrap(cols, ratio_of_means, **boot)
 
 
+def _neighbour(doc: Document, length: int, documents: dict[int, list[Document]], model) -> Document:
+    """Condition 9's other document: the next one of the same length, else the next one in the
+    run, else (a one-document run) a fictional dev document, which no question is about."""
+    same = documents[length]
+    if len(same) > 1:
+        return same[(same.index(doc) + 1) % len(same)]
+    everyone = [d for docs in documents.values() for d in docs]
+    if len(everyone) > 1:
+        return everyone[(everyone.index(doc) + 1) % len(everyone)]
+    from ..training.eval_fictional import load_fixture
+
+    text = load_fixture("dev")[0]["text"]
+    return Document("fictional-dev-0", 0, text, model.count_tokens(text))
+
+
 def _consolidated_ratios(conds: dict, per: dict, qids: list[str], boot: dict) -> dict:
     """Condition 8 beside the others: its preparation time, and quality against stuffing and D2L."""
     r: dict = {}
@@ -401,7 +416,7 @@ def _consolidated_ratios(conds: dict, per: dict, qids: list[str], boot: dict) ->
     r["prep_consolidated_s"] = c["prep_s"]
     if "stuff_kv" in conds and conds["stuff_kv"]["prep_parts"].get("prefill"):
         r["prep_consolidated_over_forward_pass"] = c["prep_s"] / conds["stuff_kv"]["prep_parts"]["prefill"]
-    for other in ("stuff", "d2l", "none"):
+    for other in ("stuff", "d2l", "none", "consolidated_other"):
         if other in conds:
             cols = [
                 [per["consolidated"][q]["nll_per_token"] for q in qids],

@@ -35,6 +35,9 @@ class ConsolidationConfig(BaseModel):
     recite_chars: int = Field(
         600, ge=50, le=100_000, description="a recitation turn covers at most this many characters of the text"
     )
+    packing: bool = Field(
+        True, description="run each step's rows as one prefix tree where the model computes it exactly (packing.py)"
+    )
     # objective mix: relative sampling weights of the self-supervised example kinds
     recite: float = Field(1.0, ge=0)
     continuation: float = Field(1.0, ge=0)

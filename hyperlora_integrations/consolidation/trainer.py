@@ -130,10 +130,8 @@ def optimise(
     result = FitResult(A={}, B={})
     with torch.no_grad(), model.injector.activate_weights(*_per_layer(A_low, B_low, A_train, B_train, scaling)):
         frozen = FrozenPrefix.build(model, sequences, first, pad_id)
-    result.cached = frozen is not None
-
-    use_tree = _tree_is_exact(model, sequences, pad_id, frozen)
-    result.packed = use_tree
+        use_tree = config.packing and _tree_is_exact(model, sequences, pad_id, frozen)
+    result.cached, result.packed = frozen is not None, use_tree
 
     def logits(seqs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         packed = packing.tree(seqs, device, model.base.dtype) if use_tree else None
