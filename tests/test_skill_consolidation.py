@@ -211,3 +211,19 @@ def test_long_rows_are_cut_to_the_sequence_limit():
     cut = _within(row, 64)
     assert len(cut.prompt) + len(cut.target) == 64 and cut.target == [1, 2, 3] and cut.prompt[-1] == 99
     assert _within(row, 128) is row
+
+
+def test_teacher_decoding_with_the_shared_prompt_prefilled_once_equals_plain_left_padding(tiny_model, monkeypatch):
+    from hyperlora_integrations.consolidation import skill_targets
+
+    prompts = [
+        skill_targets.teacher_prompt(tiny_model, "Write the plural of the noun.", x, True)
+        for x in ("cat", "box of matches", "mouse")
+    ]
+    assert skill_targets._shared_prefix(prompts) >= skill_targets.MIN_SHARED_PREFIX
+    shared = skill_targets.decode_batch(tiny_model, prompts, max_new_tokens=6)
+    monkeypatch.setattr(skill_targets, "MIN_SHARED_PREFIX", 10**9)  # the plain left-padded batch
+    plain = skill_targets.decode_batch(tiny_model, prompts, max_new_tokens=6)
+    for (tokens_a, ended_a, logits_a), (tokens_b, ended_b, logits_b) in zip(shared, plain, strict=True):
+        assert tokens_a == tokens_b and ended_a == ended_b
+        torch.testing.assert_close(logits_a, logits_b, atol=1e-4, rtol=1e-4)

@@ -153,7 +153,7 @@ def decode_batch(
     max_new_tokens: int = 16,
     sample: bool = False,
     seed: int = 0,
-    rows_per_batch: int = 16,
+    rows_per_batch: int = 64,
 ) -> list[tuple[list[int], bool, torch.Tensor]]:
     """Decode many prompts together: per prompt its new tokens (EOS excluded), whether it ended
     with EOS, and the logits that chose each new token (and the EOS), ``(n, vocab)``.
@@ -170,16 +170,38 @@ def decode_batch(
     return out
 
 
+MIN_SHARED_PREFIX = 8  # below this, plain left padding (one forward call fewer)
+
+
+def _shared_prefix(chunk: Sequence[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own."""
+    limit, first, k = min(len(p) for p in chunk) - 1, chunk[0], 0
+    while k < limit and all(p[k] == first[k] for p in chunk):
+        k += 1
+    return k
+
+
 def _decode_rows(
     model: HyperLoRAModel, chunk: Sequence[list[int]], adapters: Sequence[Adapter], max_new_tokens: int, sample: bool
 ) -> list[tuple[list[int], bool, torch.Tensor]]:
+    """One batch through ``generate``. Teacher prompts share a long start (the demonstrations and
+    the description): it is prefilled once and its KV cache repeated over the rows, the rows'
+    own tokens padded after it (masked, positions from the mask) instead of before it."""
     eos = model.tokenizer.eos_token_id
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eos
     device = model.base.device
-    width = max(len(p) for p in chunk)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+    shared = _shared_prefix(chunk) if len(chunk) > 1 else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    rest = [p[shared:] for p in chunk]
+    width = max(len(r) for r in rest)
+    head = list(chunk[0][:shared])
+    ids = torch.tensor([head + [pad] * (width - len(r)) + r for r in rest], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
     with torch.no_grad(), model.activate(adapters):
+        cache = {}
+        if shared:
+            cache["cache"] = model.model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+            cache["cache"].batch_repeat_interleave(len(chunk))
         gen = model.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -192,11 +214,12 @@ def _decode_rows(
             pad_token_id=pad,
             output_logits=True,
             return_dict_in_generate=True,
+            **cache,
         )
     logits = torch.stack(gen.logits, dim=1).float()  # (rows, steps, vocab)
     out = []
     for row in range(len(chunk)):
-        new = gen.sequences[row, width:].tolist()
+        new = gen.sequences[row, ids.shape[1] :].tolist()
         ended = eos in new
         n = new.index(eos) if ended else len(new)
         out.append((new[:n], ended, logits[row, : n + int(ended)].cpu()))
