@@ -200,7 +200,7 @@ def _decode_rows(
     with torch.no_grad(), model.activate(adapters):
         cache = {}
         if shared:
-            cache["cache"] = model.model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+            cache["cache"] = model.model(input_ids=ids[:1, :shared], use_cache=True).cache
             cache["cache"].batch_repeat_interleave(len(chunk))
         gen = model.model.generate(
             input_ids=ids,
