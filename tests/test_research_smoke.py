@@ -88,6 +88,7 @@ def tiny(monkeypatch):
         "adapter_diversity",
         "long_document_scaling",
         "probe_consolidation_speed",
+        "probe_teacher_speed",
         "warm_start_steps",
     ):
         module = __import__(f"research.{name}", fromlist=["_"])
@@ -224,6 +225,14 @@ def test_probe_consolidation_speed(tiny, capsys):
     )
     out = capsys.readouterr().out
     assert "default" in out and "layers=none" in out and '"hits"' in out and out.count('"nll"') == 4
+
+
+def test_probe_teacher_speed(tiny, capsys):
+    from research import probe_teacher_speed
+
+    probe_teacher_speed.main(["--threads", "1"])
+    out = capsys.readouterr().out
+    assert "left_padded_16" in out and "shared_prefix_64" in out and '"same_tokens"' in out
 
 
 def test_warm_start_steps(tiny, tmp_path):
