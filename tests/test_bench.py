@@ -122,6 +122,7 @@ def test_quick_tiny_run_writes_results_report_and_plots(tmp_path, tiny_model):
     report = (out / "report.md").read_text()
     for needle in ("## Bar", "## Within-run ratios", "Machine:", "Versions:", "generate_skill", "token-F1"):
         assert needle in report
+    assert "consolidated (condition 8) in 60 s or less" in report and "n/ax" not in report
     for png in ("quality_vs_length.png", "latency_vs_length.png", "memory_vs_length.png", "quality_vs_cost.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
