@@ -89,6 +89,7 @@ def tiny(monkeypatch):
         "long_document_scaling",
         "probe_consolidation_speed",
         "probe_teacher_speed",
+        "probe_skill_teacher",
         "warm_start_steps",
     ):
         module = __import__(f"research.{name}", fromlist=["_"])
@@ -233,6 +234,21 @@ def test_probe_teacher_speed(tiny, capsys):
     probe_teacher_speed.main(["--threads", "1"])
     out = capsys.readouterr().out
     assert "left_padded_16" in out and "shared_prefix_64" in out and '"same_tokens"' in out
+
+
+def test_probe_skill_teacher(tiny, monkeypatch):
+    from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig
+    from research import probe_skill_teacher
+
+    tiny_recipe = SkillConsolidationConfig(pools={"words": 2}, max_new_tokens=2)
+    tiny_recipe.training.steps = 1
+    real = probe_skill_teacher.consolidate_skill
+    monkeypatch.setattr(probe_skill_teacher, "consolidate_skill", lambda *a, **k: real(*a, config=tiny_recipe, **k))
+    result = probe_skill_teacher.main(["--threads", "1", "--max-new-tokens", "2"])
+    assert result["all"]["questions"] == sum(v["questions"] for v in result["tasks"].values()) > 0
+    assert all(
+        0 <= v[k] <= v["questions"] for v in result["tasks"].values() for k in ("desc", "teacher", "consolidated")
+    )
 
 
 def test_warm_start_steps(tiny, tmp_path):
