@@ -11,6 +11,10 @@ per task of the *dev* split (never the test split), exact matches of greedy firs
 - ``consolidated``: the consolidated skill alone, its training inputs excluding the task's.
 
     python -m research.probe_skill_teacher --split dev --threads 2
+    python -m research.probe_skill_teacher --split dev --threads 2 --teacher-frames 1,2,3
+
+``--teacher-frames`` scores only the teacher, leave one out: each dev task's frame holds the first
+N demonstrations of the *other* dev tasks (``DEV_DEMOS``), never its own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,26 @@ from hyperlora_integrations.consolidation import skill_targets as st
 from hyperlora_integrations.consolidation.skill import consolidate_skill
 from hyperlora_integrations.metrics import exact_match
 from hyperlora_integrations.training.eval_skills import first_line, load_skill_tasks
+
+# one demonstration per dev task (the shipped frame is the first two)
+DEV_DEMOS = {
+    "past_tense": ("Give the past tense of the English verb.", "eat", "ate"),
+    "opposite_gender": ("Give the female form of the word.", "king", "queen"),
+    "comparative": ("Give the comparative form of the adjective.", "big", "bigger"),
+    "city_country": ("Name the country the city is in.", "Paris", "France"),
+}
+
+
+def teacher_hits(model: HyperLoRAModel, name: str, task: dict, frames: int) -> int:
+    """The teacher's exact matches on ``task`` with ``frames`` demonstrations of other dev tasks."""
+    demos = [demo for other, demo in DEV_DEMOS.items() if other != name][:frames]
+    pairs = [(ex["input"], ex["output"]) for ex in task["examples"]]
+    prompts = [st.teacher_prompt(model, task["description"], given, True, demos) for given, _ in pairs]
+    decoded = st.decode_batch(model, prompts, max_new_tokens=8)
+    return sum(
+        int(exact_match(first_line(model.tokenizer.decode(tokens)), [gold]))
+        for (tokens, _, _), (_, gold) in zip(decoded, pairs, strict=True)
+    )
 
 
 def probe_task(model: HyperLoRAModel, task: dict, max_new_tokens: int) -> dict[str, int]:
@@ -49,9 +73,19 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="dev", choices=("dev",), help="dev only: the test split is never probed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--teacher-frames", default=None, help="e.g. 1,2,3: only the teacher, leave one out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
+    if args.teacher_frames:
+        tasks = load_skill_tasks(args.split)
+        frames = {
+            n: {name: teacher_hits(model, name, task, n) for name, task in tasks.items()}
+            for n in (int(x) for x in args.teacher_frames.split(","))
+        }
+        for n, hits in frames.items():
+            print(f"frames={n}", json.dumps({**hits, "all": sum(hits.values())}), flush=True)
+        return {"frames": frames}
     out = {}
     for name, task in load_skill_tasks(args.split).items():
         out[name] = probe_task(model, task, args.max_new_tokens)

@@ -249,6 +249,8 @@ def test_probe_skill_teacher(tiny, monkeypatch):
     assert all(
         0 <= v[k] <= v["questions"] for v in result["tasks"].values() for k in ("desc", "teacher", "consolidated")
     )
+    frames = probe_skill_teacher.main(["--threads", "1", "--teacher-frames", "1,2"])["frames"]
+    assert set(frames) == {1, 2} and set(frames[1]) == set(result["tasks"])
 
 
 def test_warm_start_steps(tiny, tmp_path):

@@ -255,13 +255,19 @@ def written_inputs(
 
 
 # ---------------------------------------------------------------------- teacher targets
-def teacher_prompt(model: HyperLoRAModel, description: str, text: str, formatted: bool) -> list[int]:
+def teacher_prompt(
+    model: HyperLoRAModel,
+    description: str,
+    text: str,
+    formatted: bool,
+    demos: Sequence[tuple[str, str, str]] = FORMAT_DEMOS,
+) -> list[int]:
     """The teacher's prompt ids: the description in the prompt, in the demonstration frame when
     ``formatted`` (then the assistant turn is prefilled with ``Output:``)."""
     if not formatted:
         return model.encode(text, context=description)
-    demos = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in FORMAT_DEMOS)
-    return model.encode(f"{demos}\nTask: {description}\nInput: {text}") + encode_text(model.tokenizer, "Output:")
+    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in demos)
+    return model.encode(f"{frame}\nTask: {description}\nInput: {text}") + encode_text(model.tokenizer, "Output:")
 
 
 def _unspaced(tokenizer) -> dict[int, int]:
