@@ -29,6 +29,18 @@ def _rows(model) -> list[tuple[list[int], list[int]]]:
     ]
 
 
+def _leak_rows_into_each_other(monkeypatch) -> None:
+    """Trees whose mask lets every node see every other: what a kernel ignoring the mask computes."""
+    real = packing.tree
+
+    def leaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.attention_mask = torch.zeros_like(out.attention_mask)
+        return out
+
+    monkeypatch.setattr(packing, "tree", leaky)
+
+
 def test_tree_logits_equal_each_rows_own_forward(tiny_model):
     model = tiny_model
     rows = _rows(model)
@@ -68,14 +80,7 @@ def test_a_model_that_disagrees_with_the_tree_trains_on_padded_batches(fresh_tin
     """The once-per-fit check compares tree and padded logits: a mask the model would not honour
     (here: one that lets every node see every other) is caught and the fit uses padded batches."""
     model = fresh_tiny_model
-    real = packing.tree
-
-    def leaky(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out.attention_mask = torch.zeros_like(out.attention_mask)
-        return out
-
-    monkeypatch.setattr(packing, "tree", leaky)
+    _leak_rows_into_each_other(monkeypatch)
     result = fit(model, _rows(model), ConsolidationConfig(steps=2, batch_size=4), seed=0)
     assert not result.packed and result.steps == 2
 
@@ -91,12 +96,5 @@ def test_bf16_models_train_on_trees_and_a_leaky_mask_is_still_caught(monkeypatch
     model.model.to(torch.bfloat16)
     rows = _rows(model)
     assert _tree_is_exact(model, rows, 0, None)
-    real = packing.tree
-
-    def leaky(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out.attention_mask = torch.zeros_like(out.attention_mask)
-        return out
-
-    monkeypatch.setattr(packing, "tree", leaky)
+    _leak_rows_into_each_other(monkeypatch)
     assert not _tree_is_exact(model, rows, 0, None)
