@@ -14,7 +14,12 @@ per task of the *dev* split (never the test split), exact matches of greedy firs
     python -m research.probe_skill_teacher --split dev --threads 2 --teacher-frames 1,2,3
 
 ``--teacher-frames`` scores only the teacher, leave one out: each dev task's frame holds the first
-N demonstrations of the *other* dev tasks (``DEV_DEMOS``), never its own.
+N demonstrations of the *other* dev tasks (``DEV_DEMOS``), never its own. ``--select-confident F``
+scores only the consolidated skill, trained on the inputs (of F times as many drawn from the
+generic pools) whose teacher answers are most confident: a task-blind way to keep inputs the
+task fits.
+
+    python -m research.probe_skill_teacher --split dev --threads 2 --select-confident 3
 """
 
 from __future__ import annotations
@@ -51,6 +56,29 @@ def teacher_hits(model: HyperLoRAModel, name: str, task: dict, frames: int) -> i
     )
 
 
+def confident_pools(description: str, factor: int):
+    """A ``pool_inputs`` that draws ``factor`` times the inputs and keeps those whose teacher
+    answer has the highest mean token log-probability."""
+    real = st.pool_inputs
+
+    def pick(model: HyperLoRAModel, counts: dict[str, int], seed: int, exclude=()) -> list[str]:
+        wide = real(model, {k: v * factor for k, v in counts.items()}, seed, exclude=exclude)
+        prompts = [st.teacher_prompt(model, description, x, True) for x in wide]
+
+        def confidence(decoded) -> float:
+            tokens, _, logits = decoded
+            if not tokens:
+                return float("-inf")
+            logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+            return float(logp.gather(-1, torch.tensor(tokens)[:, None]).mean())
+
+        scored = zip(wide, map(confidence, st.decode_batch(model, prompts, max_new_tokens=8)), strict=True)
+        ranked = sorted(scored, key=lambda pair: -pair[1])
+        return [x for x, _ in ranked[: sum(counts.values())]]
+
+    return pick
+
+
 def probe_task(model: HyperLoRAModel, task: dict, max_new_tokens: int) -> dict[str, int]:
     pairs = [(ex["input"], ex["output"]) for ex in task["examples"]]
     description = task["description"]
@@ -74,9 +102,36 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--teacher-frames", default=None, help="e.g. 1,2,3: only the teacher, leave one out")
+    p.add_argument("--select-confident", type=int, default=0, help="only the consolidated skill, inputs selected")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
+    if args.select_confident:
+        from hyperlora_integrations.consolidation import skill as skill_module
+
+        hits = {}
+        for name, task in load_skill_tasks(args.split).items():
+            pairs = [(ex["input"], ex["output"]) for ex in task["examples"]]
+            real, skill_module.pool_inputs = (
+                skill_module.pool_inputs,
+                confident_pools(task["description"], args.select_confident),
+            )
+            try:
+                instant = model.generate_skill(task["description"]) if model.t2l is not None else None
+                skill = consolidate_skill(model, task["description"], instant, exclude_inputs=[x for x, _ in pairs])
+            finally:
+                skill_module.pool_inputs = real
+            hits[name] = sum(
+                int(
+                    exact_match(
+                        first_line(model.generate(x, adapters=[skill], max_new_tokens=args.max_new_tokens)), [y]
+                    )
+                )
+                for x, y in pairs
+            )
+            print(name, json.dumps({"consolidated": hits[name], "questions": len(pairs)}), flush=True)
+        print("all", json.dumps({"consolidated": sum(hits.values())}))
+        return {"selected": hits}
     if args.teacher_frames:
         tasks = load_skill_tasks(args.split)
         frames = {

@@ -251,6 +251,11 @@ def test_probe_skill_teacher(tiny, monkeypatch):
     )
     frames = probe_skill_teacher.main(["--threads", "1", "--teacher-frames", "1,2"])["frames"]
     assert set(frames) == {1, 2} and set(frames[1]) == set(result["tasks"])
+    selected = probe_skill_teacher.main(["--threads", "1", "--max-new-tokens", "2", "--select-confident", "2"])
+    assert set(selected["selected"]) == set(result["tasks"])
+    from hyperlora_integrations.consolidation import skill, skill_targets
+
+    assert skill.pool_inputs is skill_targets.pool_inputs  # the probe put the real one back
 
 
 def test_warm_start_steps(tiny, tmp_path):
