@@ -37,8 +37,8 @@ from hyperlora_integrations.training.eval_skills import first_line, load_skill_t
 
 # one demonstration per dev task (the shipped frame is the first two)
 DEV_DEMOS = {
-    "past_tense": ("Give the past tense of the English verb.", "eat", "ate"),
-    "opposite_gender": ("Give the female form of the word.", "king", "queen"),
+    "past_tense": st.FORMAT_DEMOS[0],
+    "opposite_gender": st.FORMAT_DEMOS[1],
     "comparative": ("Give the comparative form of the adjective.", "big", "bigger"),
     "city_country": ("Name the country the city is in.", "Paris", "France"),
 }

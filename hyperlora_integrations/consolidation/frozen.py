@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .packing import Packed, pad_right
+
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
-    from .packing import Packed
 
 Seq = tuple[list[int], list[int]]
 MAX_CACHE_BYTES = 512 * 2**20
@@ -83,19 +84,16 @@ class FrozenPrefix:
                 return None
             for i in range(0, len(keys), 8):
                 group = keys[i : i + 8]
-                ids = _pad([list(p) + list(t) for p, t in group], pad_id, device)
+                ids = pad_right([list(p) + list(t) for p, t in group], pad_id, device)
                 hidden = _run(self.inner, self.inner.embed_tokens(ids), layers[:first])
                 for row, key in enumerate(group):
                     self.cache[key] = hidden[row, : len(key[0]) + len(key[1])].clone()
         return self
 
     def _exact(self, key, pad_id: int, device) -> bool:
-        ids = _pad([list(key[0]) + list(key[1])], pad_id, device)
+        ids = pad_right([list(key[0]) + list(key[1])], pad_id, device)
         full = self.lm(input_ids=ids).logits
-        hidden = _run(self.inner, self.inner.embed_tokens(ids), self.inner.layers[: self.first])
-        split = self.lm.get_output_embeddings()(
-            self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :]))
-        )
+        split = self.logits(_run(self.inner, self.inner.embed_tokens(ids), self.inner.layers[: self.first]))
         return torch.allclose(full.float(), split.float(), atol=1e-3, rtol=1e-3)
 
     def hidden(self, rows: Sequence[Seq], origin: list[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -110,15 +108,12 @@ class FrozenPrefix:
             out[row, : s.shape[0]] = s
         return out
 
-    def logits(self, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Top layers, final norm and the vocabulary projection at ``packed.keep`` only."""
+    def logits(self, hidden: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """Top layers, final norm and the vocabulary projection: at ``packed.keep`` only, under a
+        tree's mask and positions where ``packed`` has them; every position, causal, without it."""
+        if packed is None:
+            return self.lm.get_output_embeddings()(
+                self.inner.norm(_run(self.inner, hidden, self.inner.layers[self.first :]))
+            )
         top = _run(self.inner, hidden, self.inner.layers[self.first :], packed.attention_mask, packed.position_ids)
         return self.lm.get_output_embeddings()(self.inner.norm(top)[:, packed.keep])
-
-
-def _pad(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids.to(device)

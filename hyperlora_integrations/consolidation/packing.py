@@ -42,17 +42,24 @@ class Packed:
     origin: list[tuple[int, int]] | None = None
 
 
-def padded(rows: Sequence[Seq], pad_id: int, device) -> Packed:
-    """Right-padded rows (no mask needed in a causal model: real tokens never see later pads);
-    logits from the shortest prompt's last token on."""
-    width = max(len(p) + len(t) for p, t in rows)
+def pad_right(rows: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Token rows right-padded to the longest (no mask needed in a causal model: real tokens never
+    see the pads after them)."""
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for r, (prompt, target) in enumerate(rows):
-        ids[r, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids.to(device)
+
+
+def padded(rows: Sequence[Seq], pad_id: int, device) -> Packed:
+    """Right-padded rows; logits from the shortest prompt's last token on."""
+    ids = pad_right([p + t for p, t in rows], pad_id, device)
+    width = ids.shape[1]
     first = min(len(p) for p, _ in rows) - 1  # logits at position i predict token i + 1
     span = width - 1 - first
     at = [r * span + torch.arange(len(p) - 1 - first, len(p) - 1 - first + len(t)) for r, (p, t) in enumerate(rows)]
-    return Packed(ids.to(device), torch.arange(first, width - 1, device=device), [a.to(device) for a in at])
+    return Packed(ids, torch.arange(first, width - 1, device=device), [a.to(device) for a in at])
 
 
 def tree(rows: Sequence[Seq], device, dtype: torch.dtype) -> Packed | None:
