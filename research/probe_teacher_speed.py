@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HyperLoRAModel.from_pretrained()
-    inputs = st.pool_inputs(model, SkillConsolidationConfig().pools, 0, exclude=[])
+    inputs = st.ranked_inputs(model, args.description, SkillConsolidationConfig().ranked, 0)
     prompts = [st.teacher_prompt(model, args.description, x, True) for x in inputs]
     st.decode_batch(model, prompts[:2], max_new_tokens=2)  # warm-up
     shared_min = st.MIN_SHARED_PREFIX

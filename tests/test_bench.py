@@ -358,7 +358,7 @@ def test_consolidated_skill_timing_is_measured_and_reported(tiny_model):
     from hyperlora_integrations.consolidation import ConsolidationConfig
     from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig
 
-    small = SkillConsolidationConfig(training=ConsolidationConfig(steps=3, batch_size=2), pools={"words": 4})
+    small = SkillConsolidationConfig(training=ConsolidationConfig(steps=3, batch_size=2), pools={"words": 2}, ranked=2)
     timing = measure_skill_consolidation(tiny_model, 1, small)
     (run,) = timing["runs"]
     assert run["description"] == SKILL_CONSOLIDATE_DESCRIPTIONS[0] and run["steps"] > 0 and run["inputs"] > 0

@@ -240,10 +240,12 @@ def test_probe_skill_teacher(tiny, monkeypatch):
     from hyperlora_integrations.consolidation.skill import SkillConsolidationConfig
     from research import probe_skill_teacher
 
-    tiny_recipe = SkillConsolidationConfig(pools={"words": 2}, max_new_tokens=2)
+    tiny_recipe = SkillConsolidationConfig(pools={"words": 2}, ranked=2, max_new_tokens=2)
     tiny_recipe.training.steps = 1
     real = probe_skill_teacher.consolidate_skill
-    monkeypatch.setattr(probe_skill_teacher, "consolidate_skill", lambda *a, **k: real(*a, config=tiny_recipe, **k))
+    monkeypatch.setattr(
+        probe_skill_teacher, "consolidate_skill", lambda *a, **k: real(*a, **(k | {"config": tiny_recipe}))
+    )
     result = probe_skill_teacher.main(["--threads", "1", "--max-new-tokens", "2"])
     assert result["all"]["questions"] == sum(v["questions"] for v in result["tasks"].values()) > 0
     assert all(

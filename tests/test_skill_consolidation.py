@@ -26,14 +26,9 @@ DESCRIPTION = "Give the plural of the English noun."
 
 
 def small(steps: int = 4, **overrides) -> SkillConsolidationConfig:
-    return SkillConsolidationConfig(
-        training=ConsolidationConfig(steps=steps, batch_size=4, lr=3e-3, max_seq_tokens=64),
-        pools={"words": 3, "numbers": 1},
-        written=0,
-        max_new_tokens=4,
-        top_k=5,
-        **overrides,
-    )
+    fields = {"pools": {"words": 3, "numbers": 1}, "ranked": 0, "written": 0, "max_new_tokens": 4, "top_k": 5}
+    training = ConsolidationConfig(steps=steps, batch_size=4, lr=3e-3, max_seq_tokens=64)
+    return SkillConsolidationConfig(training=training, **(fields | overrides))
 
 
 def test_pools_come_from_local_data_and_respect_exclusions(tiny_model):
@@ -227,3 +222,42 @@ def test_teacher_decoding_with_the_shared_prompt_prefilled_once_equals_plain_lef
     for (tokens_a, ended_a, logits_a), (tokens_b, ended_b, logits_b) in zip(shared, plain, strict=True):
         assert tokens_a == tokens_b and ended_a == ended_b
         torch.testing.assert_close(logits_a, logits_b, atol=1e-4, rtol=1e-4)
+
+
+def test_input_scores_are_the_models_logprobs_of_the_whole_prompt(tiny_model):
+    from hyperlora_integrations.consolidation import skill_targets
+
+    candidates = ["cat", "New York", "742"]
+    scores, head = skill_targets.input_logprobs(tiny_model, DESCRIPTION, candidates)
+    prefix, _ = skill_targets._frame_ids(tiny_model, DESCRIPTION)
+    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in skill_targets.FORMAT_DEMOS)
+    for text, score in zip(candidates, scores, strict=True):
+        ids = tiny_model.encode(f"{frame}\nTask: {DESCRIPTION}\nInput: {text}")
+        assert ids[: len(prefix)] == prefix  # the frame is a prefix of the real prompt
+        end = next(i for i in range(len(prefix), len(ids)) if ids[i] in tiny_model.tokenizer.all_special_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        want = sum(float(logp[i - 1, ids[i]]) for i in range(len(prefix), end + 1))
+        assert abs(float(score) - want) < 1e-3
+    assert head.shape == (tiny_model.model.config.vocab_size,)
+
+
+def test_ranked_inputs_follow_the_pools_mass_and_respect_exclusions(tiny_model, monkeypatch):
+    from hyperlora_integrations.consolidation import skill_targets
+
+    def numbers_likely(model, description, candidates):
+        scores, head = real(model, description, candidates)
+        return torch.tensor([0.0 if c.isdigit() else -50.0 for c in candidates]), head
+
+    real = skill_targets.input_logprobs
+    drawn = skill_targets.ranked_inputs(tiny_model, DESCRIPTION, 12, seed=0, exclude=["7"])
+    assert len(drawn) == 12 and len(set(drawn)) == 12 and "7" not in drawn
+    assert drawn == skill_targets.ranked_inputs(tiny_model, DESCRIPTION, 12, seed=0, exclude=["7"])
+    monkeypatch.setattr(skill_targets, "input_logprobs", numbers_likely)
+    assert all(x.isdigit() for x in skill_targets.ranked_inputs(tiny_model, DESCRIPTION, 12, seed=0))
+    assert skill_targets._shares({"a": 0.0, "b": 0.0, "c": -100.0}, 5) in (
+        {"a": 3, "b": 2, "c": 0},
+        {"a": 2, "b": 3, "c": 0},
+    )
+    skill = consolidate_skill(tiny_model, DESCRIPTION, None, config=small(steps=1, ranked=5), exclude_inputs=["7"])
+    assert skill.metadata.model_extra["consolidation"]["distilled_inputs"] == 4 + 5  # the random pools, then ranked

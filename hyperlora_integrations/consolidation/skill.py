@@ -23,7 +23,14 @@ from ..errors import InvalidInputError
 from ..lora import Adapter, AdapterMetadata
 from .config import ConsolidationConfig
 from .distill import fit_soft
-from .skill_targets import SoftSequence, example_sequences, pool_inputs, teacher_sequences, written_inputs
+from .skill_targets import (
+    SoftSequence,
+    example_sequences,
+    pool_inputs,
+    ranked_inputs,
+    teacher_sequences,
+    written_inputs,
+)
 
 if TYPE_CHECKING:
     from ..model import HyperLoRAModel
@@ -40,13 +47,21 @@ class SkillConsolidationConfig(BaseModel):
 
     training: ConsolidationConfig = Field(default_factory=_default_training)
     pools: dict[str, int] = Field(
-        default_factory=lambda: {"words": 16, "numbers": 8, "countries": 8, "cities": 8},
-        description="inputs drawn from each generic pool (skill_targets.POOLS)",
+        default_factory=dict, description="inputs drawn at random from each generic pool (skill_targets.POOLS)"
+    )
+    ranked: int = Field(
+        40,
+        ge=0,
+        le=1024,
+        description="inputs shared out between the pools by the model's own sense of the task's input",
     )
     written: int = Field(0, ge=0, le=256, description="inputs the model writes for the description")
     teacher_instant: bool = Field(False, description="the teacher also wears the instant skill adapter")
     teacher_format: bool = Field(True, description="the teacher answers in the demonstration frame")
     top_k: int = Field(20, ge=1, le=1000, description="teacher probabilities kept per position")
+    temperature: float = Field(
+        0.5, gt=0, le=10, description="the teacher's distribution is softmax(logits / temperature): < 1 sharpens it"
+    )
     max_new_tokens: int = Field(16, ge=1, le=256, description="longest teacher answer")
     example_weight: float = Field(1.0, ge=0, description="weight of a gold example row against a teacher row")
 
@@ -121,6 +136,7 @@ def consolidate_skill(
         excluded = [*exclude_inputs, *(given for given, _ in pairs)]
         inputs = [given for given, _ in pairs]
         inputs += pool_inputs(model, config.pools, seed, exclude=excluded)
+        inputs += ranked_inputs(model, description, config.ranked, seed, exclude=[*excluded, *inputs])
         inputs += written_inputs(model, description, config.written, seed, exclude=[*excluded, *inputs])
         n_inputs = len(inputs)
         teacher = [instant] if (instant is not None and config.teacher_instant) else []
@@ -131,6 +147,7 @@ def consolidate_skill(
             adapters=teacher,
             max_new_tokens=config.max_new_tokens,
             top_k=config.top_k,
+            temperature=config.temperature,
             formatted=config.teacher_format,
         )
     rows += example_sequences(model, pairs, config.example_weight)

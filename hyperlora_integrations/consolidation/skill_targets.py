@@ -18,6 +18,7 @@ Few-shot examples become targets too: one-hot rows on the gold output (plain cro
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..model import HyperLoRAModel
 
 POOLS = ("words", "numbers", "countries", "cities")
+# The inputs before ``ranked_inputs`` (2026-12-02): drawn at random, the same mix for every task.
+RANDOM_MIX = {"words": 16, "numbers": 8, "countries": 8, "cities": 8}
 _WORD_RE = re.compile(r"^[a-z]{4,12}$")
 # The teacher's answer format: two demonstrations of terse answers (from the dev tasks of
 # bench/fixtures/heldout_skills.json, never the held-out ones), then the task, its input and a
@@ -125,23 +128,130 @@ def cities() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+_POOL_SOURCES = {
+    "words": lambda model: vocab_words(model.tokenizer),
+    "numbers": lambda model: tuple(str(n) for n in range(1000)),
+    "countries": lambda model: countries(),
+    "cities": lambda model: cities(),
+}
+
+
 def pool_inputs(model: HyperLoRAModel, counts: dict[str, int], seed: int, exclude: Iterable[str] = ()) -> list[str]:
     """``counts[pool]`` inputs drawn from each generic pool (skipping ``exclude``, e.g. the
     questions an evaluation will ask, so a measurement is on inputs never trained on)."""
     rng = random.Random(f"skill-pools:{seed}")
     banned = {x.strip().lower() for x in exclude}
-    sources = {
-        "words": lambda: vocab_words(model.tokenizer),
-        "numbers": lambda: tuple(str(n) for n in range(1000)),
-        "countries": countries,
-        "cities": cities,
-    }
     out: list[str] = []
     for pool, n in counts.items():
         if n <= 0:
             continue
-        candidates = [x for x in sources[pool]() if x.lower() not in banned]
+        candidates = [x for x in _POOL_SOURCES[pool](model) if x.lower() not in banned]
         out += rng.sample(candidates, min(n, len(candidates)))
+    return out
+
+
+def _frame_ids(model: HyperLoRAModel, description: str) -> tuple[list[int], int]:
+    """The teacher's frame up to ``Input:`` as the chat template lays it out, and the token
+    that ends the user turn (what follows a candidate input)."""
+    tok = model.tokenizer
+    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in FORMAT_DEMOS)
+    text = f"{frame}\nTask: {description}\nInput:"
+    full = model.encode(text + "\x00")
+    head = encode_text(tok, text)
+    start = next(i for i in range(len(full)) if full[i : i + len(head)] == head) + len(head)
+    special = set(tok.all_special_ids)
+    return full[:start], next(t for t in full[start:] if t in special)
+
+
+def input_logprobs(
+    model: HyperLoRAModel, description: str, candidates: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How likely the model finds each candidate as the task's input, in the teacher's frame.
+
+    Returns ``log p(candidate, end of the user turn | frame up to "Input:")`` per candidate
+    and the frame's next-token log-probabilities (which rank any item by its first token for
+    free). The frame runs once; the candidates run as one batch after its repeated KV cache,
+    right-padded (``tests/test_skill_consolidation.py`` checks it against whole prompts)."""
+    prefix, end = _frame_ids(model, description)
+    tok = model.tokenizer
+    device = model.base.device
+    rows = [encode_text(tok, f" {x}") + [end] for x in candidates]
+    width = max((len(r) for r in rows), default=1)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        first = model.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        head = torch.log_softmax(first.logits[0, -1].float(), dim=-1).cpu()
+        if not rows:
+            return torch.zeros(0), head
+        cache = first.cache
+        cache.batch_repeat_interleave(len(rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * (len(prefix) + len(r)) + [0] * (width - len(r)) for r in rows], device=device)
+        logits = model.model(input_ids=ids, attention_mask=mask, cache=cache).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+    valid = torch.arange(width - 1)[None, :] < torch.tensor([len(r) - 1 for r in rows])[:, None]
+    return head[ids[:, 0].cpu()] + (logp * valid).sum(-1), head
+
+
+def _shares(log_mass: dict[str, float], n: int) -> dict[str, int]:
+    """``n`` split in proportion to ``exp(log_mass)``, rounding by largest remainder."""
+    keys = list(log_mass)
+    exact = (torch.softmax(torch.tensor([log_mass[k] for k in keys]), 0) * n).tolist()
+    counts = {k: int(x) for k, x in zip(keys, exact, strict=True)}
+    for k, _ in sorted(zip(keys, exact, strict=True), key=lambda kx: -(kx[1] % 1))[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+@lru_cache(maxsize=16)
+def _first_tokens(tokenizer, items: tuple[str, ...]) -> torch.Tensor:
+    """Each item's first token as it follows ``"Input:"`` (one batched tokenizer call; pool items
+    hold no control tokens, so the split-special-tokens flag that ``encode_text`` guards is moot)."""
+    return torch.tensor([ids[0] for ids in tokenizer([f" {x}" for x in items], add_special_tokens=False)["input_ids"]])
+
+
+def ranked_inputs(
+    model: HyperLoRAModel,
+    description: str,
+    n: int,
+    seed: int,
+    exclude: Iterable[str] = (),
+    pools: Sequence[str] = POOLS,
+    sample: int = 24,
+) -> list[str]:
+    """``n`` pool inputs, shared out between the pools by how likely the model finds each pool's
+    items as *this task's* input.
+
+    Generic pools serve a task only by chance (a past-tense skill learnt from 16 random words, 8
+    numbers, 8 countries and 8 cities); the model knows which inputs a description takes. In the
+    teacher's frame (``FORMAT_DEMOS``, then ``Task: <description> / Input:``):
+
+    - a pool's share is its probability mass as the input: ``sample`` of its items are scored
+      whole (``input_logprobs``) and the mass is ``|pool| * mean p``;
+    - within a pool, items are taken by the probability of their first token, which the one
+      forward of the frame gives for every item at once (exact for the one-token words; numbers,
+      whose first token is a bare space, come out in random order).
+
+    Deterministic for a seed. The task's own inputs, passed in ``exclude``, are never drawn.
+    """
+    rng = random.Random(f"skill-ranked:{seed}")
+    banned = {x.strip().lower() for x in exclude}
+    items = {p: [x for x in _POOL_SOURCES[p](model) if x.lower() not in banned] for p in pools}
+    items = {p: xs for p, xs in items.items() if xs}
+    n = min(n, sum(len(xs) for xs in items.values()))
+    if n <= 0:
+        return []
+    probes = {p: rng.sample(xs, min(sample, len(xs))) for p, xs in items.items()}
+    whole, head = input_logprobs(model, description, [x for xs in probes.values() for x in xs])
+    mass, at = {}, 0
+    for p, xs in probes.items():
+        mass[p] = float(torch.logsumexp(whole[at : at + len(xs)], 0)) + math.log(len(items[p]) / len(xs))
+        at += len(xs)
+    out: list[str] = []
+    for p, k in _shares(mass, n).items():
+        first = head[_first_tokens(model.tokenizer, tuple(items[p]))].tolist()
+        order = sorted(range(len(items[p])), key=lambda i: (-first[i], rng.random()))
+        out += [items[p][i] for i in order[: min(k, len(order))]]
     return out
 
 
@@ -285,6 +395,7 @@ def teacher_sequences(
     max_new_tokens: int = 16,
     top_k: int = 20,
     formatted: bool = True,
+    temperature: float = 1.0,
 ) -> list[SoftSequence]:
     """Per input: the teacher's greedy answer and its top-k distribution at each answer token.
 
@@ -307,7 +418,7 @@ def teacher_sequences(
             logits = logits[: len(tokens) + int(ended)]
         if not tokens:
             continue
-        top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
         ids, probs = top.indices.clone(), top.values.exp()
         # After "Output:" the teacher's words carry a leading space that an answer at the start
         # of the assistant turn does not: the first position learns the unspaced tokens.

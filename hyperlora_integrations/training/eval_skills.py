@@ -12,7 +12,9 @@ exact match of the greedy answer's first line and the gold answer's NLL per toke
   the task's inputs are kept out of its training inputs, so every question is new to it;
 - ``mismatched``: the next task's consolidated skill (the control: a generic "answer tersely"
   adapter passes the first bar, only a skill that carries its description passes this one);
-- ``fewshot`` / ``fewshot_mismatched``: ``generate_skill(examples=shots)``, own and next task's.
+- ``fewshot`` / ``fewshot_mismatched``: ``generate_skill(examples=shots)``, own and next task's;
+- ``instant_mismatched``: the next task's instant skill (with ``--instant-only``, which scores only
+  the Text-to-LoRA conditions: the way to compare two hypernetwork checkpoints, ``--t2l``).
 
 Intervals: 95 % paired bootstrap over questions (``metrics.bootstrap``). Adapters are cached
 under ``--cache``: a killed run resumes, and rescoring is free.
@@ -40,6 +42,7 @@ CONDITIONS = (
     "desc",
     "instant",
     "instant_desc",
+    "instant_mismatched",
     "consolidated",
     "mismatched",
     "fewshot",
@@ -109,8 +112,11 @@ def score_task(
         "desc": {"context": description},
         "instant": {"adapters": [adapters["instant"]]} if "instant" in adapters else None,
         "instant_desc": {"adapters": [adapters["instant"]], "context": description} if "instant" in adapters else None,
-        "consolidated": {"adapters": [adapters["consolidated"]]},
-        "mismatched": {"adapters": [adapters["mismatched"]]},
+        "instant_mismatched": {"adapters": [adapters["instant_mismatched"]]}
+        if "instant_mismatched" in adapters
+        else None,
+        "consolidated": {"adapters": [adapters["consolidated"]]} if "consolidated" in adapters else None,
+        "mismatched": {"adapters": [adapters["mismatched"]]} if "consolidated" in adapters else None,
         "fewshot": {"adapters": [adapters["fewshot"]]} if "fewshot" in adapters else None,
         "fewshot_mismatched": {"adapters": [adapters["fewshot_mismatched"]]} if "fewshot" in adapters else None,
     }
@@ -152,14 +158,18 @@ def summarize(per_task: dict, seconds: list[float]) -> dict:
         "nll_desc_minus_instant_desc": ("desc", "instant_desc", "nll"),
         "em_instant_desc_minus_desc": ("instant_desc", "desc", "em"),
         "em_fewshot_minus_desc": ("fewshot", "desc", "em"),
+        "nll_instant_mismatched_minus_instant": ("instant_mismatched", "instant", "nll"),
+        "nll_desc_minus_instant": ("desc", "instant", "nll"),
         "nll_fewshot_mismatched_minus_fewshot": ("fewshot_mismatched", "fewshot", "nll"),
     }
     summary["differences"] = {k: diff(*v) for k, v in pairs.items() if v[0] in conds and v[1] in conds}
-    wins = [
-        float(o < m)
-        for o, m in zip(_column(per_task, "consolidated", "nll"), _column(per_task, "mismatched", "nll"), strict=True)
-    ]
-    summary["own_beats_mismatched_nll"] = bootstrap([wins], mean)
+    for own, other, key in (
+        ("consolidated", "mismatched", "own_beats_mismatched_nll"),
+        ("instant", "instant_mismatched", "instant_own_beats_mismatched_nll"),
+    ):
+        if own in conds and other in conds:
+            pairs_ = zip(_column(per_task, own, "nll"), _column(per_task, other, "nll"), strict=True)
+            summary[key] = bootstrap([[float(o < m) for o, m in pairs_]], mean)
     summary["consolidation_seconds"] = {"mean": mean(seconds), "max": max(seconds, default=None), "n": len(seconds)}
     return summary
 
@@ -173,6 +183,9 @@ def add_skill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--written", type=int, default=None, help="override how many inputs the model writes")
     p.add_argument("--no-teacher-instant", action="store_true", help="the teacher does not wear the instant skill")
     p.add_argument("--no-fewshot", action="store_true", help="skip the few-shot conditions (half the fitting)")
+    p.add_argument(
+        "--instant-only", action="store_true", help="only the Text-to-LoRA conditions (no fitting): compare checkpoints"
+    )
     p.add_argument("--cache", default="runs/eval_skills")
     p.add_argument("--adapters-only", action="store_true", help="make and cache the adapters, score nothing")
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -200,9 +213,12 @@ def run(args: argparse.Namespace, model: HyperLoRAModel | None = None) -> dict:
     names = list(tasks)
     made: dict[str, dict[str, Adapter]] = {}
     seconds = []
-    for name in tqdm(names, desc="skills", unit="task"):
+    kinds = () if args.instant_only else ("consolidated",) if args.no_fewshot else ("consolidated", "fewshot")
+    if args.instant_only and model.t2l is None:
+        raise SystemExit("--instant-only needs a Text-to-LoRA checkpoint (--t2l)")
+    for name in tqdm(names, desc="skills", unit="task", disable=not kinds):
         made[name] = {}
-        for kind in ("consolidated",) if args.no_fewshot else ("consolidated", "fewshot"):
+        for kind in kinds:
             made[name][kind] = cached_skill(model, name, tasks[name], kind, config, args.shots, cache, args.seed)
             if kind == "consolidated":
                 seconds.append(made[name][kind].metadata.model_extra["consolidation"]["total_seconds"])
@@ -211,11 +227,15 @@ def run(args: argparse.Namespace, model: HyperLoRAModel | None = None) -> dict:
     per_task = {}
     for i, name in enumerate(tqdm(names, desc="scoring", unit="task")):
         other = names[(i + 1) % len(names)]
-        adapters = {"consolidated": made[name]["consolidated"], "mismatched": made[other]["consolidated"]}
-        if not args.no_fewshot:
+        adapters = {}
+        if "consolidated" in made[name]:
+            adapters |= {"consolidated": made[name]["consolidated"], "mismatched": made[other]["consolidated"]}
+        if "fewshot" in made[name]:
             adapters |= {"fewshot": made[name]["fewshot"], "fewshot_mismatched": made[other]["fewshot"]}
         if model.t2l is not None:
             adapters["instant"] = model.generate_skill(tasks[name]["description"])
+            if args.instant_only:
+                adapters["instant_mismatched"] = model.generate_skill(tasks[other]["description"])
         per_task[name] = score_task(model, tasks[name], adapters, args.shots, args.max_new_tokens)
     summary = summarize(per_task, seconds)
     summary["config"] = config.model_dump(mode="json")

@@ -88,6 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also train on promptsource-template tasks (prompt_templates.template_tasks; same held-out set)",
     )
+    p.add_argument(
+        "--family-tasks",
+        action="store_true",
+        help="also train on the procedural short-answer families (task_families; whole groups held out)",
+    )
+    p.add_argument(
+        "--family-share", type=float, default=0.5, help="with --family-tasks: share of each step's tasks from families"
+    )
     return p.parse_args(argv)
 
 
@@ -204,6 +212,13 @@ def main(argv=None) -> Path:
         from .tasks import load_tasks, split
 
         train, held = split(load_tasks(seed=args.seed, extended=args.extended_tasks, templates=args.template_tasks))
+    families: list[Task] = []
+    if args.family_tasks:
+        from ..consolidation.skill_targets import vocab_words
+        from .task_families import family_tasks
+
+        family_train, family_held = family_tasks(vocab_words(model.tokenizer), seed=args.seed)
+        families, held = list(family_train.values()), [*family_held.values(), *held]  # the probe reads held[:6]
     library, held_library = {}, {}
     if args.reconstruct:
         library = {k: a for k, (a, _) in load_library(args.reconstruct, "train").items()}
@@ -215,12 +230,15 @@ def main(argv=None) -> Path:
     if args.reconstruct and args.weighted:
         gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
         weight = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
-    print(f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; {len(held)} held out")
+    print(
+        f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; "
+        f"{len(families)} training families; {len(held)} held out"
+    )
 
     # Description embeddings, once.
     encoder = description_encoder(args.encoder, model.model, model.tokenizer)
     emb = {}
-    for task in tqdm(train + held, desc="embedding descriptions", unit="task"):
+    for task in tqdm(train + families + held, desc="embedding descriptions", unit="task"):
         emb[task.name] = encoder.encode_many(task.descriptions)
 
     # Hypernetwork, optimizer, resume.
@@ -235,13 +253,15 @@ def main(argv=None) -> Path:
     ).to(args.device)
     if args.init:
         net.load_state_dict(ckpt.load(args.init, device=args.device).state_dict())
-    net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))
+    net.set_embedding_stats(torch.cat([emb[t.name] for t in train + families]))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
     start = 0
     if state_path.exists():
         start = load_state(state_path, net, opt)["step"]
-        net.set_embedding_stats(torch.cat([emb[t.name] for t in train]))  # states from before the stats existed
+        net.set_embedding_stats(
+            torch.cat([emb[t.name] for t in train + families])
+        )  # states from before the stats existed
         rng = random.Random(args.seed + start)
         print(f"resumed from step {start}")
     net.train()
@@ -253,7 +273,8 @@ def main(argv=None) -> Path:
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        tasks = rng.sample(train, min(args.tasks_per_step, len(train)))
+        k = min(round(args.tasks_per_step * args.family_share), len(families))
+        tasks = rng.sample(train, min(args.tasks_per_step - k, len(train))) + rng.sample(families, k)
         extra = {}
         if library:
             # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
@@ -288,6 +309,7 @@ def main(argv=None) -> Path:
             "sec": round(time.time() - t0, 2),
             "ce": float(ce.detach()),
             "l2": float(l2.detach()),
+            "tasks": [t.name for t in tasks],
             **extra,
         }
         bar.set_postfix(ce=f"{float(ce.detach()):.3f}")
