@@ -46,6 +46,14 @@ def write_family_fixture(path: Path, words, per_family: int = 20, seed: int = 0)
     return path
 
 
+def _digest(summary: dict) -> dict:
+    return {
+        "conditions": summary["conditions"],
+        "differences": summary["differences"],
+        "instant_own_beats_mismatched_nll": summary.get("instant_own_beats_mismatched_nll"),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--candidate", required=True, help="the retrained Text-to-LoRA checkpoint directory")
@@ -55,6 +63,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--sets", default="families,skills")
+    p.add_argument("--checkpoints", default="baseline,candidate", help="which to score (one at a time is resumable)")
     args = p.parse_args(argv)
     out = Path(args.out_dir)
     from transformers import AutoTokenizer
@@ -70,16 +79,17 @@ def main(argv=None) -> dict:
     results: dict = {}
     for which in args.sets.split(","):
         for label, t2l in (("baseline", args.baseline), ("candidate", args.candidate)):
+            saved = out / f"{which}_{label}.json"
+            if label not in args.checkpoints.split(","):
+                if saved.exists():  # scored by an earlier call
+                    summary = json.loads(saved.read_text())["summary"]
+                    results[f"{which}/{label}"] = _digest(summary)
+                continue
             argv_ = ["--t2l", t2l, "--instant-only", "--shots", "0" if which == "families" else "3"]
             argv_ += ["--fixture", str(fixtures[which]), "--threads", str(args.threads)]
             argv_ += ["--max-new-tokens", str(args.max_new_tokens), "--cache", ""]
             argv_ += ["--out", str(out / f"{which}_{label}.json")]
-            summary = eval_skills.main(argv_)["summary"]
-            results[f"{which}/{label}"] = {
-                "conditions": summary["conditions"],
-                "differences": summary["differences"],
-                "instant_own_beats_mismatched_nll": summary.get("instant_own_beats_mismatched_nll"),
-            }
+            results[f"{which}/{label}"] = _digest(eval_skills.main(argv_)["summary"])
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     for key, r in results.items():
         d = r["differences"]

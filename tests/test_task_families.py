@@ -94,3 +94,13 @@ def test_instant_only_evaluation_scores_the_mismatched_control(tiny_model, tmp_p
     assert set(summary["conditions"]) == {"base", "desc", "instant", "instant_desc", "instant_mismatched"}
     assert summary["questions"] == 4 and "nll_instant_mismatched_minus_instant" in summary["differences"]
     assert 0 <= summary["instant_own_beats_mismatched_nll"]["mean"] <= 1
+
+
+def test_the_comparison_writes_held_out_families_in_the_fixture_format(tmp_path, tiny_model):
+    from hyperlora_integrations.training.eval_skills import load_skill_tasks
+    from research.t2l_families import write_family_fixture
+
+    path = write_family_fixture(tmp_path / "f.json", vocab_words(tiny_model.tokenizer), per_family=5)
+    tasks = load_skill_tasks("test", path)
+    held = {f.name for f in tf.FAMILIES if f.group in tf.HELD_OUT_GROUPS}
+    assert set(tasks) == held and all(len(t["examples"]) == 5 for t in tasks.values())
