@@ -182,6 +182,7 @@ def add_skill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the recipe's training steps")
     p.add_argument("--written", type=int, default=None, help="override how many inputs the model writes")
     p.add_argument("--no-teacher-instant", action="store_true", help="the teacher does not wear the instant skill")
+    p.add_argument("--temperature", type=float, default=None, help="override the teacher's temperature")
     p.add_argument("--no-fewshot", action="store_true", help="skip the few-shot conditions (half the fitting)")
     p.add_argument(
         "--instant-only", action="store_true", help="only the Text-to-LoRA conditions (no fitting): compare checkpoints"
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace, model: HyperLoRAModel | None = None) -> dict:
         update["written"] = args.written
     if args.no_teacher_instant:
         update["teacher_instant"] = False
+    if args.temperature is not None:
+        update["temperature"] = args.temperature
     config = SkillConsolidationConfig.model_validate({**config.model_dump(), **update})
     cache = Path(args.cache) if args.cache else None
     names = list(tasks)
