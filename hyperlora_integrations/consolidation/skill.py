@@ -60,7 +60,7 @@ class SkillConsolidationConfig(BaseModel):
     teacher_format: bool = Field(True, description="the teacher answers in the demonstration frame")
     top_k: int = Field(20, ge=1, le=1000, description="teacher probabilities kept per position")
     temperature: float = Field(
-        0.5, gt=0, le=10, description="the teacher's distribution is softmax(logits / temperature): < 1 sharpens it"
+        1.0, gt=0, le=10, description="the teacher's distribution is softmax(logits / temperature): < 1 sharpens it"
     )
     max_new_tokens: int = Field(16, ge=1, le=256, description="longest teacher answer")
     example_weight: float = Field(1.0, ge=0, description="weight of a gold example row against a teacher row")
