@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
             argv_ = ["--t2l", t2l, "--instant-only", "--shots", "0" if which == "families" else "3"]
             argv_ += ["--fixture", str(fixtures[which]), "--threads", str(args.threads)]
             argv_ += ["--max-new-tokens", str(args.max_new_tokens), "--cache", ""]
-            argv_ += ["--out", str(out / f"{which}_{label}.json")]
+            argv_ += ["--out", str(saved)]
             results[f"{which}/{label}"] = _digest(eval_skills.main(argv_)["summary"])
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     for key, r in results.items():

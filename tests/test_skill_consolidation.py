@@ -230,9 +230,9 @@ def test_input_scores_are_the_models_logprobs_of_the_whole_prompt(tiny_model):
     candidates = ["cat", "New York", "742"]
     scores, head = skill_targets.input_logprobs(tiny_model, DESCRIPTION, candidates)
     prefix, _ = skill_targets._frame_ids(tiny_model, DESCRIPTION)
-    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in skill_targets.FORMAT_DEMOS)
+    output = len(skill_targets.encode_text(tiny_model.tokenizer, "Output:"))
     for text, score in zip(candidates, scores, strict=True):
-        ids = tiny_model.encode(f"{frame}\nTask: {DESCRIPTION}\nInput: {text}")
+        ids = skill_targets.teacher_prompt(tiny_model, DESCRIPTION, text, True)[:-output]  # the teacher's own prompt
         assert ids[: len(prefix)] == prefix  # the frame is a prefix of the real prompt
         end = next(i for i in range(len(prefix), len(ids)) if ids[i] in tiny_model.tokenizer.all_special_ids)
         with torch.no_grad():

@@ -136,6 +136,11 @@ _POOL_SOURCES = {
 }
 
 
+def _pool_items(model: HyperLoRAModel, pool: str, banned: set[str]) -> list[str]:
+    """A pool's items, less those whose lower-cased form is ``banned``."""
+    return [x for x in _POOL_SOURCES[pool](model) if x.lower() not in banned]
+
+
 def pool_inputs(model: HyperLoRAModel, counts: dict[str, int], seed: int, exclude: Iterable[str] = ()) -> list[str]:
     """``counts[pool]`` inputs drawn from each generic pool (skipping ``exclude``, e.g. the
     questions an evaluation will ask, so a measurement is on inputs never trained on)."""
@@ -145,17 +150,21 @@ def pool_inputs(model: HyperLoRAModel, counts: dict[str, int], seed: int, exclud
     for pool, n in counts.items():
         if n <= 0:
             continue
-        candidates = [x for x in _POOL_SOURCES[pool](model) if x.lower() not in banned]
+        candidates = _pool_items(model, pool, banned)
         out += rng.sample(candidates, min(n, len(candidates)))
     return out
+
+
+def _demo_frame(demos: Sequence[tuple[str, str, str]]) -> str:
+    """The demonstrations the teacher's prompt (and the input ranking) starts with."""
+    return "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in demos)
 
 
 def _frame_ids(model: HyperLoRAModel, description: str) -> tuple[list[int], int]:
     """The teacher's frame up to ``Input:`` as the chat template lays it out, and the token
     that ends the user turn (what follows a candidate input)."""
     tok = model.tokenizer
-    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in FORMAT_DEMOS)
-    text = f"{frame}\nTask: {description}\nInput:"
+    text = f"{_demo_frame(FORMAT_DEMOS)}\nTask: {description}\nInput:"
     full = model.encode(text + "\x00")
     head = encode_text(tok, text)
     start = next(i for i in range(len(full)) if full[i : i + len(head)] == head) + len(head)
@@ -204,10 +213,12 @@ def _shares(log_mass: dict[str, float], n: int) -> dict[str, int]:
 
 
 @lru_cache(maxsize=16)
-def _first_tokens(tokenizer, items: tuple[str, ...]) -> torch.Tensor:
-    """Each item's first token as it follows ``"Input:"`` (one batched tokenizer call; pool items
-    hold no control tokens, so the split-special-tokens flag that ``encode_text`` guards is moot)."""
-    return torch.tensor([ids[0] for ids in tokenizer([f" {x}" for x in items], add_special_tokens=False)["input_ids"]])
+def _first_tokens(tokenizer, items: tuple[str, ...]) -> dict[str, int]:
+    """Each item of a whole pool -> its first token as it follows ``"Input:"`` (one batched
+    tokenizer call per pool, cached: the exclusions differ per task, the pool does not; pool
+    items hold no control tokens, so the split-special-tokens flag ``encode_text`` guards is moot)."""
+    encoded = tokenizer([f" {x}" for x in items], add_special_tokens=False)["input_ids"]
+    return {x: ids[0] for x, ids in zip(items, encoded, strict=True)}
 
 
 def ranked_inputs(
@@ -236,7 +247,7 @@ def ranked_inputs(
     """
     rng = random.Random(f"skill-ranked:{seed}")
     banned = {x.strip().lower() for x in exclude}
-    items = {p: [x for x in _POOL_SOURCES[p](model) if x.lower() not in banned] for p in pools}
+    items = {p: _pool_items(model, p, banned) for p in pools}
     items = {p: xs for p, xs in items.items() if xs}
     n = min(n, sum(len(xs) for xs in items.values()))
     if n <= 0:
@@ -249,7 +260,8 @@ def ranked_inputs(
         at += len(xs)
     out: list[str] = []
     for p, k in _shares(mass, n).items():
-        first = head[_first_tokens(model.tokenizer, tuple(items[p]))].tolist()
+        token = _first_tokens(model.tokenizer, tuple(_POOL_SOURCES[p](model)))
+        first = head[[token[x] for x in items[p]]].tolist()
         order = sorted(range(len(items[p])), key=lambda i: (-first[i], rng.random()))
         out += [items[p][i] for i in order[: min(k, len(order))]]
     return out
@@ -376,8 +388,9 @@ def teacher_prompt(
     ``formatted`` (then the assistant turn is prefilled with ``Output:``)."""
     if not formatted:
         return model.encode(text, context=description)
-    frame = "\n".join(f"Task: {d}\nInput: {x}\nOutput: {y}\n" for d, x, y in demos)
-    return model.encode(f"{frame}\nTask: {description}\nInput: {text}") + encode_text(model.tokenizer, "Output:")
+    return model.encode(f"{_demo_frame(demos)}\nTask: {description}\nInput: {text}") + encode_text(
+        model.tokenizer, "Output:"
+    )
 
 
 def _unspaced(tokenizer) -> dict[int, int]:

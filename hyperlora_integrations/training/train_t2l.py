@@ -253,15 +253,14 @@ def main(argv=None) -> Path:
     ).to(args.device)
     if args.init:
         net.load_state_dict(ckpt.load(args.init, device=args.device).state_dict())
-    net.set_embedding_stats(torch.cat([emb[t.name] for t in train + families]))
+    trained_embeddings = torch.cat([emb[t.name] for t in train + families])
+    net.set_embedding_stats(trained_embeddings)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
     start = 0
     if state_path.exists():
         start = load_state(state_path, net, opt)["step"]
-        net.set_embedding_stats(
-            torch.cat([emb[t.name] for t in train + families])
-        )  # states from before the stats existed
+        net.set_embedding_stats(trained_embeddings)  # states from before the stats existed
         rng = random.Random(args.seed + start)
         print(f"resumed from step {start}")
     net.train()
