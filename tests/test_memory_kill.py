@@ -27,7 +27,8 @@ from hyperlora_integrations.memory.jobs import through_of
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs SIGKILL")
 
 ROOT = Path(__file__).resolve().parent.parent
-# Long enough (seconds of steps) that the kill lands mid-job; short enough to finish after it.
+# The child holds its job at step 3 (see CHILD), so the kill lands mid-job however fast the
+# machine; the next worker runs the same 40 steps in well under a second.
 SLOW = ConsolidationConfig(steps=40, batch_size=2, max_seq_tokens=48, lr=2e-2)
 CONFIG = MemoryConfig(recent_tokens=48, job_tokens=96, min_job_tokens=24, replay_tokens=0, consolidation=SLOW)
 
@@ -41,6 +42,17 @@ from hyperlora_integrations.adapters import AdapterStore
 from hyperlora_integrations.memory import MemoryConfig, MemoryManager
 from hyperlora_integrations.memory.jobs import through_of
 path, acks, config = sys.argv[1], sys.argv[2], MemoryConfig.model_validate_json(sys.argv[3])
+stepping = acks + ".stepping"
+adam_step, steps = torch.optim.Adam.step, []
+def held_step(self, *args, **kwargs):   # a job that cannot finish before the parent kills it
+    out = adam_step(self, *args, **kwargs)
+    steps.append(1)
+    if len(steps) == 3:
+        open(stepping, "w").close()
+        while True:
+            time.sleep(1)
+    return out
+torch.optim.Adam.step = held_step
 memory = MemoryManager(make_tiny_model(), AdapterStore(path), config=config).memory("zed")
 out = open(acks, "a")
 def talk(start, n, pause):
@@ -56,6 +68,7 @@ memory.consolidate_now()
 
 def test_sigkill_mid_consolidation_loses_no_turn(tiny_model, tmp_path):
     path, acks = tmp_path / "store", tmp_path / "acks"
+    stepping = tmp_path / "acks.stepping"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     config = CONFIG.model_copy(update={"background": False})
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(acks), config.model_dump_json()], env=env)
@@ -63,14 +76,14 @@ def test_sigkill_mid_consolidation_loses_no_turn(tiny_model, tmp_path):
         deadline = time.monotonic() + 180
         running = False
         while time.monotonic() < deadline and child.poll() is None:
-            if (path / "index.sqlite").exists() and acks.exists() and len(acks.read_text().split()) > 20:
+            if stepping.exists() and acks.exists() and len(acks.read_text().split()) > 20:
                 with AdapterStore(path) as probe:
                     running = any(j.state == "running" for j in probe.pending())
                 if running:
                     break
             time.sleep(0.05)
         assert running, "the child never got to consolidating"
-        time.sleep(0.3)  # inside the job's steps, turns still arriving
+        time.sleep(0.3)  # held inside the job's steps, turns still arriving
         os.kill(child.pid, signal.SIGKILL)
         child.wait(30)
     finally:
