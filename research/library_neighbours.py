@@ -46,7 +46,7 @@ from hyperlora_integrations.encoders.description import description_encoder
 from hyperlora_integrations.lora import Adapter, delta_inner_matrix
 from hyperlora_integrations.model import HyperLoRAModel
 from hyperlora_integrations.training import train_t2l
-from hyperlora_integrations.training.library import gram_root, library_gram, load_library
+from hyperlora_integrations.training.library import described_tasks, gram_root, library_gram, load_library
 from hyperlora_integrations.training.tasks import load_tasks
 
 ENCODERS = ("base-mean", "minilm")
@@ -74,6 +74,8 @@ def group_of(name: str) -> str:
     training task's group."""
     if name.startswith("ps/"):
         return "/".join(name.split("/")[:2])
+    if name.startswith("family/"):  # research/consolidated_library: one entry per paraphrase
+        return name.split("#")[0]
     return name if name.startswith("ni/") or "/" not in name else name.split("/")[0]
 
 
@@ -156,6 +158,31 @@ def neighbour_test(idx, names, gram, held_idx, feats, kinds, coefficients: dict 
     return rows
 
 
+def paraphrase_test(names: list[str], gram: torch.Tensor) -> dict:
+    """Is an entry closer to the other paraphrases of its own task than to the other tasks'?
+
+    Per entry, the relative error of the mean of its group's other entries (``paraphrase``)
+    and of the mean of the other groups' entries (``others``): if the adapter carries its task
+    rather than the run's noise, ``paraphrase`` is far below ``others``."""
+    groups = [group_of(n) for n in names]
+    own, other = [], []
+    for i, grp in enumerate(groups):
+        same = [j for j, g in enumerate(groups) if g == grp and j != i]
+        rest = [j for j, g in enumerate(groups) if g != grp]
+        if not same or not rest:
+            continue
+        for picked, into in ((same, own), (rest, other)):
+            coef = torch.zeros(len(names), dtype=torch.float64)
+            coef[picked] = 1.0 / len(picked)
+            into.append(errors(coef, gram, gram[:, i], gram[i, i]))
+    return {
+        "entries": len(own),
+        "paraphrase": sum(own) / max(len(own), 1),
+        "others": sum(other) / max(len(other), 1),
+        "paraphrase_better": sum(a < b for a, b in zip(own, other)),
+    }
+
+
 def average(rows: dict) -> dict:
     first = next(iter(rows.values()))
     return {k: sum(r[k] for r in rows.values()) / len(rows) for k, v in first.items() if isinstance(v, float)}
@@ -203,6 +230,8 @@ def main(argv=None) -> dict:
     names = list(train)
     has_templates = any(n.startswith("ps/") for n in names)
     tasks = load_tasks(extended=True, templates=has_templates)  # whatever task set the library holds
+    for lib in (train, held_lib):  # entries that describe themselves (research/consolidated_library)
+        tasks.update({t.name: t for t in described_tasks(lib, set(tasks))})
     model = HyperLoRAModel.from_pretrained(d2l=None, t2l=None)
     held_names = list(held_lib)
     everything = [train[n][0] for n in names] + [held_lib[h][0] for h in held_names]
@@ -227,6 +256,8 @@ def main(argv=None) -> dict:
     if args.coefficients:  # the ridge predictions as library weights, for research/library_ce.py
         Path(args.coefficients).write_text(json.dumps(coefficients))
     result = {"summary": {**average(rows), "library_tasks": len(names)}, "tasks": rows}
+    if any("#" in n for n in names):
+        result["paraphrases"] = paraphrase_test(names, inner[: len(names), : len(names)])
     default = set(load_tasks())  # the task set without --extended-tasks
     if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
         idx = [j for j, n in enumerate(names) if n in default]

@@ -176,3 +176,41 @@ def test_delta_inner_matrix_matches_pairwise_distances():
     assert torch.allclose(g, direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
     dist, _ = delta_sq_distance(a[1], b[1], a[3], b[3])
     assert float(g[1, 1] + g[3, 3] - 2 * g[1, 3]) == pytest.approx(float(dist.sum()), rel=1e-4)
+
+
+def test_library_entries_describe_themselves_and_train_as_tasks(tmp_path):
+    """An entry of no known task (one per family paraphrase, research/consolidated_library) is
+    trained on from its record alone; a held entry never is."""
+    from hyperlora_integrations.training import train_t2l
+    from hyperlora_integrations.training.library import described_tasks
+
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=2)
+    like = model.generate_skill("shape only")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    paraphrase = Task("currencies#1", "gen", ["Name the money used there."], TASKS[1].examples)
+    for task, split_name in ((TASKS[0], "train"), (paraphrase, "train"), (TASKS[1], "held")):
+        adapter, losses = _fit(model, like, task, steps=5)
+        save_fit(lib, task, split_name, adapter, losses)
+    fitted = load_library(lib, "train")
+    [described] = described_tasks(fitted, known={"capitals"})
+    assert described.name == "currencies#1" and described.descriptions == ["Name the money used there."]
+    assert [(e.input, e.target) for e in described.examples] == [(e.input, e.target) for e in TASKS[1].examples]
+    tasks_json = tmp_path / "tasks.json"
+    tasks_json.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "capitals",
+                    "descriptions": TASKS[0].descriptions,
+                    "examples": [vars(e) for e in TASKS[0].examples],
+                }
+            ]
+        )
+    )
+    out = tmp_path / "run"
+    args = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out), "--weighted"]
+    train_t2l.main([*args, "--latent-dim", "32", "--tasks-per-step", "2", "--steps", "3", "--warmup", "1"])
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all(sorted(r["tasks"]) == ["capitals", "currencies#1"] for r in log)

@@ -71,7 +71,15 @@ def save_fit(folder: Path, task: Task, split_name: str, adapter: Adapter, info: 
     adapter.metadata.kind = "skill"
     adapter.metadata.description = task.descriptions[0]
     adapter.save(Path(folder) / file_name(task.name))
-    record = {"task": task.name, "split": split_name, "kind": task.kind, **info}
+    record = {
+        "task": task.name,
+        "split": split_name,
+        "kind": task.kind,
+        # Self-describing: a training run can take the entry as a task without the data it came from.
+        "descriptions": task.descriptions,
+        "examples": [[ex.input, ex.target] for ex in task.examples[:8]],
+        **info,
+    }
     (Path(folder) / file_name(task.name, ".json")).write_text(json.dumps(record))
 
 
@@ -83,6 +91,17 @@ def load_library(folder: str | Path, split_name: str = "train") -> dict[str, tup
         if info.get("split") == split_name:
             out[info["task"]] = (Adapter.load(info_path.with_suffix(".safetensors")), info)
     return out
+
+
+def described_tasks(fitted: dict[str, tuple[Adapter, dict]], known: set[str]) -> list[Task]:
+    """Library entries that are not among ``known`` tasks, as tasks of their own, from the
+    description and examples their records carry (``research/consolidated_library.py`` writes
+    one per family paraphrase)."""
+    return [
+        Task(name, info.get("kind", "gen"), info["descriptions"], [Example(i, t) for i, t in info.get("examples", [])])
+        for name, (_, info) in fitted.items()
+        if name not in known and info.get("descriptions")
+    ]
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from ..hypernets import checkpoint as ckpt
 from ..lora import Adapter, LoraSpec, delta_sq_distance
 from ..model import HyperLoRAModel
 from .common import add_contrast_args, add_run_args, lr_at, save_or_stop, training_model
-from .library import gram_root, library_gram, load_library
+from .library import described_tasks, gram_root, library_gram, load_library
 from .state import load_state
 from .tasks import Example, Task
 
@@ -221,9 +221,13 @@ def main(argv=None) -> Path:
         families, held = list(family_train.values()), [*family_held.values(), *held]  # the probe reads held[:6]
     library, held_library = {}, {}
     if args.reconstruct:
-        library = {k: a for k, (a, _) in load_library(args.reconstruct, "train").items()}
+        fitted = load_library(args.reconstruct, "train")
+        library = {k: a for k, (a, _) in fitted.items()}
         held_library = {k: a for k, (a, _) in load_library(args.reconstruct, "held").items()}
-        train = [t for t in train if t.name in library]
+        # Library entries of no known task (one per family paraphrase) train as tasks of their own.
+        known = {t.name for t in train + families}
+        train = [t for t in train if t.name in library] + described_tasks(fitted, known)
+        families = [t for t in families if t.name in library]
         if not train:
             raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
     weight = None
