@@ -259,8 +259,8 @@ def main(argv=None) -> dict:
     if any("#" in n for n in names):
         result["paraphrases"] = paraphrase_test(names, inner[: len(names), : len(names)])
     default = set(load_tasks())  # the task set without --extended-tasks
-    if not set(names) <= default:  # the same test on the default tasks alone, under the same weighting
-        idx = [j for j, n in enumerate(names) if n in default]
+    idx = [j for j, n in enumerate(names) if n in default]
+    if idx and len(idx) < len(names):  # the same test on the default tasks alone, under the same weighting
         result["default_tasks"] = {**average(test(idx)), "library_tasks": len(idx)}
     if has_templates:  # and without the promptsource-template tasks
         idx = [j for j, n in enumerate(names) if not n.startswith("ps/")]

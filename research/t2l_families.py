@@ -54,6 +54,18 @@ def _digest(summary: dict) -> dict:
     }
 
 
+def shipped_minus_candidate(baseline: dict, candidate: dict) -> dict:
+    """Per instant condition, shipped − candidate gold NLL, paired by question (> 0: the
+    candidate is better), from two ``eval t2l --skills`` outputs on the same fixture."""
+    from hyperlora_integrations.metrics import bootstrap, mean
+
+    out = {}
+    for cond in ("instant", "instant_desc", "instant_mismatched"):
+        cols = [eval_skills._column(r["scores"], cond, "nll") for r in (baseline, candidate)]
+        out[cond] = bootstrap(cols, lambda a, b: mean(a) - mean(b))
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--candidate", required=True, help="the retrained Text-to-LoRA checkpoint directory")
@@ -90,8 +102,15 @@ def main(argv=None) -> dict:
             argv_ += ["--max-new-tokens", str(args.max_new_tokens), "--cache", ""]
             argv_ += ["--out", str(saved)]
             results[f"{which}/{label}"] = _digest(eval_skills.main(argv_)["summary"])
+        saved = [out / f"{which}_{label}.json" for label in ("baseline", "candidate")]
+        if all(path.exists() for path in saved):
+            baseline, candidate = (json.loads(path.read_text()) for path in saved)
+            results[f"{which}/shipped_minus_candidate"] = shipped_minus_candidate(baseline, candidate)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     for key, r in results.items():
+        if key.endswith("shipped_minus_candidate"):
+            print(key, json.dumps({c: round(v["mean"], 3) for c, v in r.items()}))
+            continue
         d = r["differences"]
         print(
             key,

@@ -11,6 +11,9 @@ the generated adapter of each sampled description is regressed onto its task's a
 by gradient descent (written by ``research/fit_library.py``, read by ``training/library.py``),
 measured as the relative squared error of the weight deltas. No pass through the base model is needed: a step of 8 tasks costs ~0.5 s on this CPU
 where an SFT step costs ~8 s. ``--init`` then continues by SFT from the reconstructed checkpoint.
+``--recon-weight W`` keeps the SFT loss and adds W times the reconstruction error of library
+entries (consolidated skills, ``research/consolidated_library.py``) to each step: the SFT tasks
+keep the adapter useful while the library teaches it what a description asks for.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="folder of per-task fitted adapters (research/fit_library.py): train by reconstruction instead of SFT",
     )
+    p.add_argument(
+        "--recon-weight",
+        type=float,
+        default=0.0,
+        help="with --reconstruct: keep the SFT loss on the tasks and add this weight times the reconstruction "
+        "error of --recon-tasks-per-step library entries (0: reconstruction alone)",
+    )
+    p.add_argument("--recon-tasks-per-step", type=int, default=8)
     p.add_argument(
         "--weighted",
         action="store_true",
@@ -219,30 +230,31 @@ def main(argv=None) -> Path:
 
         family_train, family_held = family_tasks(vocab_words(model.tokenizer), seed=args.seed)
         families, held = list(family_train.values()), [*family_held.values(), *held]  # the probe reads held[:6]
-    library, held_library = {}, {}
+    library, held_library, recon = {}, {}, []
     if args.reconstruct:
         fitted = load_library(args.reconstruct, "train")
         library = {k: a for k, (a, _) in fitted.items()}
         held_library = {k: a for k, (a, _) in load_library(args.reconstruct, "held").items()}
         # Library entries of no known task (one per family paraphrase) train as tasks of their own.
         known = {t.name for t in train + families}
-        train = [t for t in train if t.name in library] + described_tasks(fitted, known)
-        families = [t for t in families if t.name in library]
-        if not train:
+        recon = [t for t in train + families if t.name in library] + described_tasks(fitted, known)
+        if not recon:
             raise SystemExit(f"{args.reconstruct} holds no fitted adapter of a training task")
+        if not args.recon_weight:  # reconstruction alone: the library's tasks are the training tasks
+            train, families, recon = recon, [], []
     weight = None
     if args.reconstruct and args.weighted:
-        gram = library_gram(Path(args.reconstruct), model, train, args.targets.split(","), args)
+        gram = library_gram(Path(args.reconstruct), model, recon or train, args.targets.split(","), args)
         weight = {m: tuple(x.to(args.device) for x in gram_root(g)) for m, g in gram.items()}
     print(
         f"{len(train)} training tasks, {sum(len(t.descriptions) for t in train)} descriptions; "
-        f"{len(families)} training families; {len(held)} held out"
+        f"{len(families)} training families; {len(recon)} reconstruction targets beside SFT; {len(held)} held out"
     )
 
     # Description embeddings, once.
     encoder = description_encoder(args.encoder, model.model, model.tokenizer)
     emb = {}
-    for task in tqdm(train + families + held, desc="embedding descriptions", unit="task"):
+    for task in tqdm(train + families + recon + held, desc="embedding descriptions", unit="task"):
         emb[task.name] = encoder.encode_many(task.descriptions)
 
     # Hypernetwork, optimizer, resume.
@@ -257,7 +269,7 @@ def main(argv=None) -> Path:
     ).to(args.device)
     if args.init:
         net.load_state_dict(ckpt.load(args.init, device=args.device).state_dict())
-    trained_embeddings = torch.cat([emb[t.name] for t in train + families])
+    trained_embeddings = torch.cat([emb[t.name] for t in train + families + recon])
     net.set_embedding_stats(trained_embeddings)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = out / "state.safetensors"
@@ -279,7 +291,7 @@ def main(argv=None) -> Path:
         k = min(round(args.tasks_per_step * args.family_share), len(families))
         tasks = rng.sample(train, min(args.tasks_per_step - k, len(train))) + rng.sample(families, k)
         extra = {}
-        if library:
+        if library and not recon:
             # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
             picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in tasks])
             loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], weight)
@@ -302,6 +314,14 @@ def main(argv=None) -> Path:
             else:
                 ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
                 loss = ce + args.l2 * l2
+            if recon:
+                # Beside SFT: library entries (consolidated skills) regressed onto, one description each.
+                targets = rng.sample(recon, min(args.recon_tasks_per_step, len(recon)))
+                picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in targets])
+                error = reconstruction_loss(net, picked, [library[t.name] for t in targets], weight)
+                loss = loss + args.recon_weight * error
+                extra["recon"] = float(error.detach())
+                extra["recon_tasks"] = [t.name for t in targets]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
