@@ -52,6 +52,14 @@ def _fit(model, like, task, steps: int = 30):
     )
 
 
+def _tasks_json(folder, tasks) -> str:
+    """``--tasks-json`` for ``train t2l``: the tasks instead of the real data."""
+    path = folder / "tasks.json"
+    rows = [{"name": t.name, "descriptions": t.descriptions, "examples": [vars(e) for e in t.examples]} for t in tasks]
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
 def test_fitted_library_round_trips_by_split(tmp_path):
     torch.manual_seed(0)
     model = make_tiny_model(seed=2)
@@ -92,14 +100,9 @@ def test_reconstruction_training_cli_learns_the_library(tmp_path):
     for task in TASKS:
         adapter, losses = _fit(model, like, task, steps=10)
         save_fit(lib, task, "train", adapter, losses)
-    tasks_json = tmp_path / "tasks.json"
-    tasks_json.write_text(
-        json.dumps(
-            [{"name": t.name, "descriptions": t.descriptions, "examples": [vars(e) for e in t.examples]} for t in TASKS]
-        )
-    )
+    tasks_json = _tasks_json(tmp_path, TASKS)
     out = tmp_path / "run"
-    common = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out)]
+    common = ["--tiny", "--tasks-json", tasks_json, "--reconstruct", str(lib), "--out", str(out)]
     common += ["--latent-dim", "32", "--tasks-per-step", "2", "--lr", "3e-3", "--warmup", "5", "--save-every", "50"]
     train_t2l.main([*common, "--steps", "100"])
     train_t2l.main([*common, "--steps", "150", "--weighted"])  # resumes; the error on real activations
@@ -197,20 +200,9 @@ def test_library_entries_describe_themselves_and_train_as_tasks(tmp_path):
     [described] = described_tasks(fitted, known={"capitals"})
     assert described.name == "currencies#1" and described.descriptions == ["Name the money used there."]
     assert [(e.input, e.target) for e in described.examples] == [(e.input, e.target) for e in TASKS[1].examples]
-    tasks_json = tmp_path / "tasks.json"
-    tasks_json.write_text(
-        json.dumps(
-            [
-                {
-                    "name": "capitals",
-                    "descriptions": TASKS[0].descriptions,
-                    "examples": [vars(e) for e in TASKS[0].examples],
-                }
-            ]
-        )
-    )
+    tasks_json = _tasks_json(tmp_path, TASKS[:1])
     out = tmp_path / "run"
-    args = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out), "--weighted"]
+    args = ["--tiny", "--tasks-json", tasks_json, "--reconstruct", str(lib), "--out", str(out), "--weighted"]
     train_t2l.main([*args, "--latent-dim", "32", "--tasks-per-step", "2", "--steps", "3", "--warmup", "1"])
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert all(sorted(r["tasks"]) == ["capitals", "currencies#1"] for r in log)
@@ -229,20 +221,9 @@ def test_reconstruction_beside_sft_trains_both(tmp_path):
     for d, text in enumerate(TASKS[1].descriptions):
         adapter, losses = _fit(model, like, TASKS[1], steps=10)
         save_fit(lib, Task(f"currencies#{d}", "gen", [text], TASKS[1].examples), "train", adapter, losses)
-    tasks_json = tmp_path / "tasks.json"
-    tasks_json.write_text(
-        json.dumps(
-            [
-                {
-                    "name": "capitals",
-                    "descriptions": TASKS[0].descriptions,
-                    "examples": [vars(e) for e in TASKS[0].examples],
-                }
-            ]
-        )
-    )
+    tasks_json = _tasks_json(tmp_path, TASKS[:1])
     out = tmp_path / "run"
-    args = ["--tiny", "--tasks-json", str(tasks_json), "--reconstruct", str(lib), "--out", str(out)]
+    args = ["--tiny", "--tasks-json", tasks_json, "--reconstruct", str(lib), "--out", str(out)]
     args += ["--recon-weight", "1", "--recon-tasks-per-step", "2", "--latent-dim", "32", "--tasks-per-step", "1"]
     train_t2l.main([*args, "--steps", "40", "--lr", "3e-3", "--warmup", "2", "--max-input-tokens", "32"])
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
