@@ -91,6 +91,7 @@ def tiny(monkeypatch):
         "probe_teacher_speed",
         "probe_skill_teacher",
         "warm_start_steps",
+        "consolidated_library",
     ):
         module = __import__(f"research.{name}", fromlist=["_"])
         monkeypatch.setattr(module, "HyperLoRAModel", _Tiny)
@@ -276,3 +277,31 @@ def test_research_is_not_imported_by_the_package():
     code = "import hyperlora_integrations, hyperlora_integrations.cli, hyperlora_integrations.training.train_t2l, sys\n"
     code += "assert not [m for m in sys.modules if m.split('.')[0] == 'research'], 'research imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_consolidated_library_feeds_the_neighbour_test(tiny, monkeypatch, tmp_path):
+    """Consolidated skills, one per paraphrase and one per held-out task, resumable; the
+    neighbour test takes the entries by their own records and groups the paraphrases."""
+    from research import consolidated_library, library_neighbours
+
+    paraphrases = [
+        Task(f"family/capitals#{d}", "gen", [text], TRAIN[0].examples) for d, text in enumerate(TRAIN[0].descriptions)
+    ]
+    other = Task("family/colours#0", "gen", TRAIN[2].descriptions[:1], TRAIN[2].examples)
+    held = Task("family/animals", "gen", HELD[1].descriptions[:1], HELD[1].examples)
+    rows = [(t, "train") for t in [*paraphrases, other]] + [(held, "held")]
+    monkeypatch.setattr(consolidated_library, "entries", lambda words, seed=0: rows)
+    folder = tmp_path / "consolidated"
+    consolidated_library.main(["--out", str(folder), "--shard", "0/2"])
+    assert len(load_library(folder, "train")) == 2  # every other entry
+    consolidated_library.main(["--out", str(folder)])  # the rest; the first two are kept
+    train, held_lib = load_library(folder, "train"), load_library(folder, "held")
+    assert set(train) == {t.name for t in [*paraphrases, other]} and set(held_lib) == {"family/animals"}
+    adapter, info = train["family/capitals#1"]
+    assert info["descriptions"] == [TRAIN[0].descriptions[1]] and info["loss_last"] is not None
+    assert adapter.metadata.description == TRAIN[0].descriptions[1]
+
+    monkeypatch.setattr(library_neighbours, "ENCODERS", ("base-mean",))
+    result = library_neighbours.main(["--library", str(folder), "--weighted"])
+    assert set(result["tasks"]) == {"family/animals"}
+    assert result["paraphrases"]["entries"] == 3  # the capitals paraphrases; colours has no sibling
