@@ -104,3 +104,19 @@ def test_the_comparison_writes_held_out_families_in_the_fixture_format(tmp_path,
     tasks = load_skill_tasks("test", path)
     held = {f.name for f in tf.FAMILIES if f.group in tf.HELD_OUT_GROUPS}
     assert set(tasks) == held and all(len(t["examples"]) == 5 for t in tasks.values())
+
+
+def test_the_comparison_pairs_candidate_and_shipped_by_question():
+    from research.t2l_families import shipped_minus_candidate
+
+    def run(shift):
+        scores = {
+            c: {"nll": [1.0 + shift + i for i in range(4)], "em": [0.0] * 4}
+            for c in ("instant", "instant_desc", "instant_mismatched")
+        }
+        return {"scores": {"a": scores, "b": scores}}
+
+    diff = shipped_minus_candidate(run(0.5), run(0.0))
+    assert set(diff) == {"instant", "instant_desc", "instant_mismatched"}
+    # paired: the per-question spread cancels, so the interval is the shift itself
+    assert diff["instant"]["mean"] == pytest.approx(0.5) and diff["instant"]["lo"] == pytest.approx(0.5)
