@@ -64,8 +64,11 @@ def main(argv=None) -> Path:
 
     model = HyperLoRAModel.from_pretrained(d2l=None)
     i, n = map(int, args.shard.split("/"))
-    todo = [(t, s) for t, s in entries(vocab_words(model.tokenizer), args.seed)[i::n]]
-    todo = [(t, s) for t, s in todo if not (out / file_name(t.name, ".json")).exists()]
+    todo = [
+        (t, s)
+        for t, s in entries(vocab_words(model.tokenizer), args.seed)[i::n]
+        if not (out / file_name(t.name, ".json")).exists()
+    ]
     for task, split_name in tqdm(todo, desc="consolidating skills", unit="skill"):
         t0 = time.time()
         # Inputs that are the family's own gold examples stay out of the teacher's inputs only by

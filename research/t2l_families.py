@@ -90,22 +90,22 @@ def main(argv=None) -> dict:
     }
     results: dict = {}
     for which in args.sets.split(","):
+        scored = {}  # label -> the eval's output, scored now or by an earlier call
         for label, t2l in (("baseline", args.baseline), ("candidate", args.candidate)):
             saved = out / f"{which}_{label}.json"
-            if label not in args.checkpoints.split(","):
-                if saved.exists():  # scored by an earlier call
-                    summary = json.loads(saved.read_text())["summary"]
-                    results[f"{which}/{label}"] = _digest(summary)
-                continue
-            argv_ = ["--t2l", t2l, "--instant-only", "--shots", "0" if which == "families" else "3"]
-            argv_ += ["--fixture", str(fixtures[which]), "--threads", str(args.threads)]
-            argv_ += ["--max-new-tokens", str(args.max_new_tokens), "--cache", ""]
-            argv_ += ["--out", str(saved)]
-            results[f"{which}/{label}"] = _digest(eval_skills.main(argv_)["summary"])
-        saved = [out / f"{which}_{label}.json" for label in ("baseline", "candidate")]
-        if all(path.exists() for path in saved):
-            baseline, candidate = (json.loads(path.read_text()) for path in saved)
-            results[f"{which}/shipped_minus_candidate"] = shipped_minus_candidate(baseline, candidate)
+            if label in args.checkpoints.split(","):
+                argv_ = ["--t2l", t2l, "--instant-only", "--shots", "0" if which == "families" else "3"]
+                argv_ += ["--fixture", str(fixtures[which]), "--threads", str(args.threads)]
+                argv_ += ["--max-new-tokens", str(args.max_new_tokens), "--cache", ""]
+                scored[label] = eval_skills.main([*argv_, "--out", str(saved)])
+            elif saved.exists():
+                scored[label] = json.loads(saved.read_text())
+            if label in scored:
+                results[f"{which}/{label}"] = _digest(scored[label]["summary"])
+        if len(scored) == 2:
+            results[f"{which}/shipped_minus_candidate"] = shipped_minus_candidate(
+                scored["baseline"], scored["candidate"]
+            )
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     for key, r in results.items():
         if key.endswith("shipped_minus_candidate"):

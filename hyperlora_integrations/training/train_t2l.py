@@ -283,6 +283,11 @@ def main(argv=None) -> Path:
     log = (out / "log.jsonl").open("a")
     probe = [(t, t.examples[:4]) for t in held[:6]]
 
+    def library_error(targets: list[Task]) -> torch.Tensor:
+        """Reconstruction: one sampled description per task, regressed onto its library adapter."""
+        picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in targets])
+        return reconstruction_loss(net, picked, [library[t.name] for t in targets], weight)
+
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train t2l", unit="step")
     for step in bar:
         t0 = time.time()
@@ -292,9 +297,7 @@ def main(argv=None) -> Path:
         tasks = rng.sample(train, min(args.tasks_per_step - k, len(train))) + rng.sample(families, k)
         extra = {}
         if library and not recon:
-            # Reconstruction: one sampled description per task, regressed onto its fitted adapter.
-            picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in tasks])
-            loss = ce = reconstruction_loss(net, picked, [library[t.name] for t in tasks], weight)
+            loss = ce = library_error(tasks)
             l2 = torch.zeros(())
         else:
             rows, negatives, examples = [], [], []
@@ -315,10 +318,9 @@ def main(argv=None) -> Path:
                 ce, l2 = sft_loss(model, net, torch.stack(rows), examples, args, args.label_smoothing)
                 loss = ce + args.l2 * l2
             if recon:
-                # Beside SFT: library entries (consolidated skills) regressed onto, one description each.
+                # Beside SFT: library entries (consolidated skills) regressed onto.
                 targets = rng.sample(recon, min(args.recon_tasks_per_step, len(recon)))
-                picked = torch.stack([emb[t.name][rng.randrange(len(t.descriptions))] for t in targets])
-                error = reconstruction_loss(net, picked, [library[t.name] for t in targets], weight)
+                error = library_error(targets)
                 loss = loss + args.recon_weight * error
                 extra["recon"] = float(error.detach())
                 extra["recon_tasks"] = [t.name for t in targets]
